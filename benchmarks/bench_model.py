@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hf_reference import to_llama  # noqa: E402
-
-from internlm2.core import InternLM2Config, random_model  # noqa: E402
+from hf_reference import to_llama
+from internlm2.core import InternLM2Config, random_model
 
 
 def timed(fn, device: str, repeats: int) -> float:

@@ -9,45 +9,45 @@
     tokenizer   the InternLM2 SentencePiece tokenizer, ChatML template, tool calls, streaming decode
     reward      get_score-style reward scoring
     engine      continuous batching over a paged KV cache (serving and RLHF rollouts)
+
+Names are resolved on first use so that ``internlm2.core.tokenizer`` (the tokenizer service's only
+need) does not pay for importing torch.
 """
 
-from .attention import DenseAttention, KVCache, doc_ids_from_lengths, positions_from_doc_ids
-from .checkpoint import CheckpointError
-from .config import PRESETS, REWARD_TOKEN_ID, ConfigError, InternLM2Config
-from .generate import greedy_generate
-from .model import InternLM2ForCausalLM, InternLM2ForRewardModel, InternLM2Model, model_class_for
-from .random_checkpoint import make_random_checkpoint, random_model
+from importlib import import_module
 
-__all__ = [
-    "PRESETS",
-    "REWARD_TOKEN_ID",
-    "CheckpointError",
-    "ConfigError",
-    "DenseAttention",
-    "InternLM2Config",
-    "InternLM2ForCausalLM",
-    "InternLM2ForRewardModel",
-    "InternLM2Model",
-    "InternLM2Tokenizer",
-    "KVCache",
-    "RewardScorer",
-    "doc_ids_from_lengths",
-    "greedy_generate",
-    "make_random_checkpoint",
-    "model_class_for",
-    "positions_from_doc_ids",
-    "random_model",
-]
+_EXPORTS = {
+    "DenseAttention": "attention",
+    "KVCache": "attention",
+    "doc_ids_from_lengths": "attention",
+    "positions_from_doc_ids": "attention",
+    "CheckpointError": "checkpoint",
+    "PRESETS": "config",
+    "REWARD_TOKEN_ID": "config",
+    "ConfigError": "config",
+    "InternLM2Config": "config",
+    "greedy_generate": "generate",
+    "InternLM2ForCausalLM": "model",
+    "InternLM2ForRewardModel": "model",
+    "InternLM2Model": "model",
+    "model_class_for": "model",
+    "make_random_checkpoint": "random_checkpoint",
+    "random_model": "random_checkpoint",
+    "RewardScorer": "reward",
+    "InternLM2Tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # The tokenizer and reward scorer pull in sentencepiece; import them on first use.
-    if name == "InternLM2Tokenizer":
-        from .tokenizer import InternLM2Tokenizer
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'internlm2.core' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return InternLM2Tokenizer
-    if name == "RewardScorer":
-        from .reward import RewardScorer
 
-        return RewardScorer
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return __all__

@@ -72,7 +72,7 @@ def test_reward_model_round_trip(tmp_path):
     model = InternLM2ForRewardModel.from_pretrained(tmp_path)
     assert model.config.reward_token_id == 92527
     assert "v_head.weight" in load_file(tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="v_head.weight"):
+    with pytest.raises(CheckpointError, match=r"v_head\.weight"):
         InternLM2ForCausalLM.from_pretrained(tmp_path)  # a reward checkpoint is not a causal LM
 
 
