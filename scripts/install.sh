@@ -10,4 +10,4 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
-python -m pip install -q -e "./sdk/python" -e ".[test]"
+python -m pip install -q -e "./sdk/python[dev]" -e ".[test]"
