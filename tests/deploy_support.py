@@ -1,0 +1,187 @@
+"""Shared by tests/test_deploy_*.py: render the Helm chart, load docker-compose.yml, read Dockerfiles.
+
+Everything here is offline: the chart renders through helm-python-sdk (Helm's Go SDK in a bundled shared
+library, no helm binary, no cluster), compose variables are interpolated the way Compose does for the
+`${VAR}` / `${VAR:-default}` forms used in our file, and Dockerfiles are parsed line by line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "deploy" / "helm" / "internlm2"
+COMPOSE_FILE = REPO / "docker-compose.yml"
+DOCKERFILES = {"cpu": REPO / "deploy" / "docker" / "Dockerfile.cpu",
+               "cuda": REPO / "deploy" / "docker" / "Dockerfile.cuda"}
+
+# The shared contract (docs/HELPERS.md): gRPC and metrics ports, health service names.
+GRPC_SERVICES = ("tokenizer", "inference", "reward", "training")
+PORTS = {"tokenizer": 50051, "inference": 50052, "reward": 50053, "training": 50054}
+METRICS_PORTS = {"tokenizer": 9101, "inference": 9102, "reward": 9103, "training": 9104, "worker": 9105}
+HEALTH_SERVICE = {"tokenizer": "internlm2.v1.TokenizerService", "inference": "internlm2.v1.InferenceService",
+                  "reward": "internlm2.v1.RewardService", "training": "internlm2.v1.TrainingService"}
+
+RELEASE, NAMESPACE = "demo", "llm"
+
+TOKEN = "t0ken-for-the-deploy-tests-4f1c9a"
+
+# Values sets the chart is rendered with (tests/test_deploy_helm.py, tests/test_deploy_cli.py).
+CHART_VALUES = {
+    "default": {},
+    # A GPU cluster set up by the NVIDIA GPU operator: runtime class, GFD node labels, 2 GPUs for inference.
+    "gpu": {
+        "gpu": {"runtimeClassName": "nvidia", "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [
+                        {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}}},
+        "inference": {"gpu": 2, "dtype": "bfloat16"},
+        "reward": {"gpu": 1},
+        "worker": {"gpu": 4},
+    },
+    # The same chart on a cluster without GPUs.
+    "cpu": {"inference": {"gpu": 0}, "reward": {"gpu": 0}, "worker": {"gpu": 0}},
+    "external-redis": {
+        "redis": {"internal": {"enabled": False}, "externalUrl": "rediss://redis.example.internal:6380/2",
+                  "auth": {"existingSecret": "platform-redis", "existingSecretPasswordKey": "password"}},
+    },
+    # Every switch on: auth token and TLS from Secrets, HPA/PDB, ServiceMonitor, artifacts PVC.
+    "full": {
+        "auth": {"enabled": True, "token": TOKEN},
+        "tls": {"enabled": True, "existingSecret": "internlm2-tls", "clientAuth": True},
+        "inference": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8},
+                      "pdb": {"enabled": True, "minAvailable": 1}},
+        "reward": {"autoscaling": {"enabled": True, "metric": "cpu", "maxReplicas": 3}, "pdb": {"enabled": True}},
+        "tokenizer": {"pdb": {"enabled": True, "maxUnavailable": "50%"}},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
+        "artifacts": {"persistence": {"enabled": True}},
+        "model": {"persistence": {"existingClaim": "team-models"}},
+    },
+}
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """All manifests the chart renders for `values` (NOTES.txt left out), as dicts."""
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def render_notes(values: dict[str, Any] | None = None) -> str:
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def component_of(doc: dict) -> str | None:
+    return doc["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def workloads(docs: list[dict]) -> list[tuple[dict, dict]]:
+    """(object, pod spec) for every Deployment, StatefulSet and Pod."""
+    out = []
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            out.append((d, d["spec"]["template"]["spec"]))
+        elif d["kind"] == "Pod":
+            out.append((d, d["spec"]))
+    return out
+
+
+def deployment(docs: list[dict], component: str) -> dict:
+    found = [d for d in docs if d["kind"] == "Deployment" and component_of(d) == component]
+    assert len(found) == 1, f"expected one {component} Deployment, got {len(found)}"
+    return found[0]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# ---- docker-compose.yml -------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}|\$\$")
+
+
+def interpolate(node: Any, env: dict[str, str] | None = None) -> Any:
+    """Compose-style interpolation of `${VAR}`, `${VAR:-default}`, `${VAR-default}` and `$$`."""
+    env = env or {}
+    if isinstance(node, dict):
+        return {k: interpolate(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, env) for v in node]
+    if isinstance(node, str):
+        def sub(m: re.Match) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            return env.get(m.group("name")) or (m.group("default") or "")
+        return _VAR.sub(sub, node)
+    return node
+
+
+@cache
+def compose_raw() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def compose() -> dict[str, Any]:
+    """docker-compose.yml with YAML anchors merged and variables at their defaults."""
+    return interpolate(compose_raw())
+
+
+@cache
+def compose_schema() -> dict[str, Any]:
+    return json.loads((REPO / "tests" / "data" / "compose-spec" / "compose-spec.json").read_text())
+
+
+# ---- Dockerfiles --------------------------------------------------------------------------------
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs with continuation lines joined and comments dropped."""
+    lines, buf = [], ""
+    for raw in path.read_text().splitlines():
+        stripped = raw.strip()
+        if not buf and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            buf += stripped[:-1] + " "
+            continue
+        lines.append(buf + stripped)
+        buf = ""
+    out = []
+    for line in lines:
+        instr, _, args = line.partition(" ")
+        out.append((instr.upper(), args.strip()))
+    return out
+
+
+def final_stage(path: Path) -> list[tuple[str, str]]:
+    """Instructions of the last build stage (what the image runs)."""
+    instrs = dockerfile_instructions(path)
+    last_from = max(i for i, (k, _) in enumerate(instrs) if k == "FROM")
+    return instrs[last_from:]
+
+
+def exec_form(path: Path, instruction: str) -> list[str]:
+    """The JSON (exec) form of the final stage's ENTRYPOINT or CMD."""
+    args = [a for k, a in final_stage(path) if k == instruction]
+    assert args, f"{path.name} has no {instruction}"
+    return json.loads(args[-1])
