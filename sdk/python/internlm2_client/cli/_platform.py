@@ -138,14 +138,33 @@ def register(subparsers) -> None:
         "print the endpoints; Ctrl-C stops everything. Without --model a tiny random model is made.",
     )
     _add_stack_options(up)
+    up.add_argument(
+        "--tokenizer", default=None, metavar="PATH", help="tokenizer.model for the tiny models (default: train one)"
+    )
+    up.add_argument(
+        "--work-dir", default=None, metavar="DIR", help="keep logs, models and jobs here (default: a temp dir)"
+    )
     up.set_defaults(func=_lazy("internlm2.services.local_stack", "up"))
 
     demo = subparsers.add_parser(
         "demo",
-        help="a guided tour against a local stack (needs internlm2-platform)",
-        description="Start the local stack and exercise every service through the SDK.",
+        help="the full chain on this machine: pretrain -> SFT -> reward model -> PPO -> eval -> serve",
+        description="Start the local stack, make a synthetic task and a tokenizer, train a tiny InternLM2 through "
+        "one training job (pretrain, SFT, conditional reward model, COOL RLHF PPO, eval), serve every stage's "
+        "checkpoint and print what each stage gained. Everything lands in --output.",
     )
     _add_stack_options(demo)
+    demo.add_argument("--output", default="demo-output", metavar="DIR", help="output folder (default: demo-output)")
+    demo.add_argument(
+        "--size",
+        default="small",
+        choices=("smoke", "small"),
+        help="model size and step counts: smoke (about 3 min, for tests) or small (default, about 10 min on 2 cores)",
+    )
+    demo.add_argument(
+        "--tokenizer", default=None, metavar="PATH", help="a tokenizer.model to use instead of training one"
+    )
+    demo.add_argument("--questions", type=int, default=None, help="held-out questions asked of every stage")
     demo.set_defaults(func=_lazy("internlm2.services.demo", "run"))
 
 

@@ -1,0 +1,220 @@
+"""Cross-cutting concerns of every call, as grpc.aio server interceptors.
+
+Each interceptor wraps the method's behaviour in an async context manager (``around``) that runs
+in the call's own task, around the servicer code, for every handler kind (unary and streaming,
+coroutine or async-generator servicers alike). Order on the server, outermost first:
+
+    RequestIdInterceptor   request id contextvar, ``x-request-id`` header, access log, RPC metrics
+    ErrorInterceptor       ServiceError -> status + google.rpc.Status trailer; bugs -> INTERNAL
+    AuthInterceptor        ``authorization: Bearer <token>`` (health exempt) -> UNAUTHENTICATED
+    ReadinessInterceptor   UNAVAILABLE while the model loads and while draining (health exempt)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from . import context as request_context
+from .errors import ServiceError
+
+log = logging.getLogger("internlm2.services.rpc")
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+
+
+def _wrap(behavior: Callable, around: Callable, response_streaming: bool) -> Callable:
+    """``behavior`` run inside ``around(context)``, keeping its kind (grpc.aio dispatches on whether a
+    streaming behaviour is an async-generator function or a coroutine function)."""
+    if response_streaming and inspect.isasyncgenfunction(behavior):
+
+        async def stream_wrapper(request, context):
+            # aclosing: a cancelled call must run the servicer's cleanup (engine abort) now, not at GC.
+            async with around(context), contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream_wrapper
+
+    async def wrapper(request, context):
+        async with around(context):
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+    return wrapper
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Callable) -> grpc.RpcMethodHandler | None:
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        kind, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    elif handler.unary_stream:
+        kind, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    elif handler.stream_unary:
+        kind, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    else:
+        kind, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    return kind(
+        _wrap(behavior, around, handler.response_streaming),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Base: subclasses implement ``around(method, context)`` (an async context manager) and may
+    exempt methods with ``applies_to``."""
+
+    def applies_to(self, method: str) -> bool:
+        return True
+
+    def around(self, method: str, context: grpc.aio.ServicerContext) -> contextlib.AbstractAsyncContextManager:
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if not self.applies_to(method):
+            return handler
+        return wrap_handler(handler, lambda context: self.around(method, context))
+
+
+def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status a finished call ended with, as far as the server can tell."""
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if error is not None and not isinstance(error, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.OK
+
+
+class RequestIdInterceptor(CallInterceptor):
+    """Gives every call a request id (the client's ``x-request-id`` or a new one), visible through
+    ``current_request_id()`` and in every log line of the call, sent back as the ``x-request-id``
+    header; logs one access line per call and records RPC metrics."""
+
+    def __init__(self, rpc_metrics=None):
+        self.rpc_metrics = rpc_metrics
+
+    @contextlib.asynccontextmanager
+    async def around(self, method, context):
+        request_id = (
+            request_context.request_id_from_metadata(context.invocation_metadata()) or request_context.new_request_id()
+        )
+        token = request_context.set_request_id(request_id)
+        start = time.monotonic()
+        error: BaseException | None = None
+        try:
+            await context.send_initial_metadata(((request_context.REQUEST_ID_KEY, request_id),))
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            elapsed = time.monotonic() - start
+            code = final_code(context, error)
+            if self.rpc_metrics is not None:
+                self.rpc_metrics.observe(method, code, elapsed)
+            level = logging.DEBUG if method.startswith(HEALTH_PREFIX) else logging.INFO
+            log.log(
+                level,
+                "rpc %s %s",
+                method,
+                code.name,
+                extra={
+                    "fields": {
+                        "method": method,
+                        "code": code.name,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "peer": context.peer(),
+                    }
+                },
+            )
+            with contextlib.suppress(ValueError):  # finalised outside the call's context (GC of a stream)
+                request_context.reset_request_id(token)
+
+
+class ErrorInterceptor(CallInterceptor):
+    """Turns ``ServiceError`` into its status code, message and google.rpc.Status details, and any
+    other exception (a bug) into INTERNAL without leaking its text; cancellation passes through."""
+
+    @contextlib.asynccontextmanager
+    async def around(self, method, context):
+        try:
+            yield
+        except ServiceError as exc:
+            await _abort(context, exc)
+        except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+            raise
+        except Exception:
+            request_id = request_context.current_request_id()
+            log.exception("unhandled error in %s", method)
+            await _abort(
+                context,
+                ServiceError(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", reason="INTERNAL"),
+            )
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+    request_id = request_context.current_request_id()
+    metadata = error.trailing_metadata(request_id)
+    if request_id:
+        metadata += ((request_context.REQUEST_ID_KEY, request_id),)
+    await context.abort(error.code, error.message, trailing_metadata=metadata)
+
+
+class AuthInterceptor(CallInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every call except health checks (kubelet probes
+    carry no credentials)."""
+
+    def __init__(self, token: str):
+        if not token:
+            raise ValueError("AuthInterceptor needs a non-empty token")
+        self._expected = f"Bearer {token}".encode()
+
+    def applies_to(self, method: str) -> bool:
+        return not method.startswith(HEALTH_PREFIX)
+
+    @contextlib.asynccontextmanager
+    async def around(self, method, context):
+        values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+        if not values:
+            raise ServiceError.unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
+        if not hmac.compare_digest(str(values[0]).encode(), self._expected):
+            raise ServiceError.unauthenticated("invalid bearer token")
+        yield
+
+
+class ReadinessInterceptor(CallInterceptor):
+    """Refuses calls with UNAVAILABLE (retryable) until the service is ready and once it drains.
+    Health and reflection stay reachable."""
+
+    def __init__(self, is_ready: Callable[[], bool], why_not: Callable[[], str]):
+        self.is_ready = is_ready
+        self.why_not = why_not
+
+    def applies_to(self, method: str) -> bool:
+        return not method.startswith(HEALTH_PREFIX) and not method.startswith(REFLECTION_PREFIXES)
+
+    @contextlib.asynccontextmanager
+    async def around(self, method, context):
+        if not self.is_ready():
+            raise ServiceError.unavailable(self.why_not(), reason="NOT_READY")
+        yield

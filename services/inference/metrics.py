@@ -1,0 +1,174 @@
+"""The engine's Prometheus metrics, named like vLLM's (``vllm:`` -> ``internlm2:``) so its dashboards
+and KEDA queries carry over.
+
+Gauges are read from ``engine.stats()`` when Prometheus scrapes (no background polling); request
+histograms and token counters are recorded once per finished request from its engine timings.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# vLLM's bucket layouts (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+
+
+class EngineStatsCollector(Collector):
+    """``internlm2:num_requests_running`` / ``_waiting`` / ``kv_cache_usage_perc`` (0..1) at scrape."""
+
+    def __init__(self, engine_getter, model_name: str):
+        self.engine_getter = engine_getter
+        self.model_name = model_name
+
+    def collect(self):
+        engine = self.engine_getter()
+        if engine is None:
+            return
+        stats = engine.stats()
+        labels = ["model_name"]
+        for name, doc, value in (
+            ("internlm2:num_requests_running", "Requests in the running batch.", stats.num_running),
+            ("internlm2:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+            ("internlm2:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", stats.kv_cache_usage),
+            ("internlm2:num_kv_cache_free_blocks", "Free KV-cache blocks.", stats.num_free_blocks),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric([self.model_name], float(value))
+            yield family
+
+
+class RequestMetricsRecorder:
+    """Per-request histograms and token counters."""
+
+    def __init__(self, registry, model_name: str):
+        self.model_name = model_name
+        labels = ["model_name"]
+        self.ttft = Histogram(
+            "internlm2:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            "internlm2:inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            "internlm2:e2e_request_latency_seconds",
+            "Arrival to last token.",
+            labels,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue = Histogram(
+            "internlm2:request_queue_time_seconds",
+            "Time waiting before the first schedule.",
+            labels,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter("internlm2:prompt_tokens", "Prompt tokens processed.", labels, registry=registry)
+        self.generation_tokens = Counter("internlm2:generation_tokens", "Tokens generated.", labels, registry=registry)
+        self.success = Counter(
+            "internlm2:request_success",
+            "Finished requests, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=registry,
+        )
+
+    def finished(self, output) -> None:
+        """Record a request the engine finished (its final RequestOutput)."""
+        m = output.metrics
+        name = self.model_name
+        if m is not None:
+            if m.first_token_time is not None:
+                self.ttft.labels(name).observe(m.first_token_time)
+            for gap in m.inter_token_latencies or ():
+                self.itl.labels(name).observe(gap)
+            if m.e2e_latency is not None:
+                self.e2e.labels(name).observe(m.e2e_latency)
+            if m.queue_time is not None:
+                self.queue.labels(name).observe(m.queue_time)
+        self.prompt_tokens.labels(name).inc(output.prompt_tokens)
+        self.generation_tokens.labels(name).inc(output.completion_tokens)
+        self.success.labels(name, output.finish_reason or "unknown").inc()
+
+    def cancelled(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Record a request whose RPC ended (client cancel, deadline) before the engine finished it."""
+        name = self.model_name
+        self.prompt_tokens.labels(name).inc(prompt_tokens)
+        self.generation_tokens.labels(name).inc(completion_tokens)
+        self.success.labels(name, "cancelled").inc()
