@@ -1,0 +1,1 @@
+"""Data for training stages: formats, tokenisation with loss masks, packing, token shards."""

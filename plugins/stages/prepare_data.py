@@ -1,0 +1,103 @@
+"""prepare_data: tokenise text corpora into memory-mapped token shards, dropping exact duplicates.
+
+Sources are ``{"text": ...}`` JSONL files, plain ``.txt`` files (one document each) or folders of
+them (recursively, sorted). Each document becomes ``<s> text </s>``; a document whose text was seen
+before (BLAKE2b-128 of the UTF-8 text) is dropped. Output: the token-shard folder
+``output_dir/dataset`` (FORMATS.md), registered as the artifact ``dataset``, which ``pretrain`` and
+``long_context`` read and pack.
+
+Resume: the output is deterministic; a finished folder (meta.json present) is reused, a partial one
+is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from pydantic import Field
+
+from ..contract import ArtifactKind, Stage, StageConfig, StageContext
+from ..data.formats import check_text, read_jsonl
+from ..data.shards import ShardWriter
+from ..data.tokenize import tokenize_text
+
+
+class PrepareDataConfig(StageConfig):
+    """Which corpora to tokenise, with which tokenizer, and how to shard them."""
+
+    sources: list[str] = Field(..., min_length=1, description="JSONL ({\"text\"}) / .txt files or folders; "
+                               "paths or references (input:NAME).")
+    tokenizer: str | None = Field(None, description="Checkpoint or tokenizer folder (path or reference); "
+                                  "default: the previous stage's checkpoint or the job input 'base'.")
+    dedup: bool = Field(True, description="Drop documents whose exact text was already seen.")
+    min_chars: int = Field(1, ge=1, description="Drop documents shorter than this many characters.")
+    shard_tokens: int = Field(1 << 26, ge=1024, description="Tokens per shard file (about).")
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt") and p.is_file())
+    return [path]
+
+
+def _documents(path: Path):
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+        return
+    for where, record in read_jsonl(path):
+        yield check_text(record, where)
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    """Tokenise, deduplicate and shard every source; registers the ``dataset`` artifact."""
+    cfg: PrepareDataConfig = ctx.config  # type: ignore[assignment]
+    out = ctx.output_dir / "dataset"
+    if (out / "meta.json").is_file():
+        ctx.log("dataset already complete from an earlier attempt; reusing it")
+        ctx.add_artifact("dataset", out, ArtifactKind.OTHER)
+        return {}
+    if not ctx.is_main:
+        return {}
+    from ..trainer.lm import load_tokenizer
+
+    tok_path = ctx.resolve(cfg.tokenizer) if cfg.tokenizer else ctx.resolve_model(None)
+    tok = load_tokenizer(tok_path)
+    files = [f for src in cfg.sources for f in _files(ctx.resolve(src, "dataset"))]
+    if out.exists():
+        shutil.rmtree(out)
+    writer = ShardWriter(out, cfg.shard_tokens)
+    seen: set[bytes] = set()
+    docs = dups = short = 0
+    for k, path in enumerate(files):
+        for text in _documents(path):
+            ctx.raise_if_cancelled()
+            if len(text) < cfg.min_chars:
+                short += 1
+                continue
+            if cfg.dedup:
+                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                if digest in seen:
+                    dups += 1
+                    continue
+                seen.add(digest)
+            writer.add(tokenize_text(tok, text))
+            docs += 1
+        ctx.report_progress(k + 1, len(files), documents=docs, duplicates=dups)
+    meta = writer.close(duplicates_removed=dups, too_short=short, tokenizer=str(tok_path),
+                        sources=[str(f) for f in files])
+    ctx.log(f"{meta['num_docs']} documents, {meta['num_tokens']} tokens, {dups} duplicates removed")
+    ctx.add_artifact("dataset", out, ArtifactKind.OTHER)
+    return {"documents": float(meta["num_docs"]), "tokens": float(meta["num_tokens"]),
+            "duplicates_removed": float(dups)}
+
+
+STAGE = Stage(
+    name="prepare_data",
+    description="Tokenise text/code/long-document corpora into memory-mapped token shards with exact-"
+    "duplicate removal; pretrain and long_context pack them into fixed-length rows.",
+    config_model=PrepareDataConfig,
+    run=run,
+    queue="gpu",
+)

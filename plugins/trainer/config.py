@@ -1,0 +1,49 @@
+"""TrainingConfig: the optimisation section every training stage's config inherits (flat, so users
+write ``{"lr": 1e-5, "max_steps": 200, "zero_stage": 2}``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from ..contract import StageConfig
+
+
+class TrainingConfig(StageConfig):
+    """Optimiser, schedule, DeepSpeed and checkpointing settings shared by the training stages."""
+
+    lr: float = Field(1e-5, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr (cosine/linear).")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(1, ge=1, description="Sequences (packed rows) per micro-batch per rank.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on CPU (DeepSpeed keeps fp32 master weights).")
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder layers in backward.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload the optimizer state to CPU.")
+    offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU (needs zero_stage 3).")
+    checkpoint_every: int = Field(50, ge=0, description="Save a resumable checkpoint every N steps (0 = never).")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept (older are deleted).")
+    seed: int = Field(0, description="Seed of model init noise, shuffling and dropout.")
+
+    @field_validator("offload_params")
+    @classmethod
+    def _offload_needs_zero3(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("zero_stage") != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return v
+
+    @field_validator("offload_optimizer")
+    @classmethod
+    def _offload_needs_zero(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("zero_stage") == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return v
