@@ -1,0 +1,154 @@
+"""dpo: direct preference optimisation of a policy against a frozen reference.
+
+    policy (default: the previous checkpoint) + reference (default: the same weights, frozen)
+    -> reference log-probs of every pair computed once, up front (the reference then leaves memory:
+       on a GPU only the policy trains under DeepSpeed)
+    -> DPO loss (``algorithms.dpo_loss``) on the response tokens' summed log-probs, computed through
+       the fused linear + cross-entropy (``reduction="none"``), never full logits
+    -> ``final/`` causal-LM checkpoint + metrics.json (implicit-reward margin before/after on held-out pairs)
+
+Each pair is the prompt rendered with the generation prompt, then the answer as the policy would emit
+it (its tokens + ``<|im_end|>``); chosen and rejected rows share one padded micro-batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from internlm2.core import InternLM2ForCausalLM
+
+from ..algorithms import preference
+from ..algorithms.datasets import read_preference_pairs, split_holdout
+from ..algorithms.dpo_loss import dpo_loss
+from ..algorithms.logprobs import sequence_logprobs
+from ..algorithms.models import freeze, frozen_dtype
+from ..contract import Stage, StageContext
+from ..trainer import load_causal_lm, load_tokenizer, run_deepspeed_training, save_final_checkpoint
+from .reward_model import PreferenceDataConfig, shard, steps_for_epochs
+
+
+class DPOConfig(PreferenceDataConfig):
+    """Direct preference optimisation against a frozen reference."""
+
+    model: str | None = Field(None, description="Policy checkpoint to optimise; default: the previous stage's.")
+    reference: str | None = Field(None, description="Frozen reference policy; default: the policy's starting "
+                                  "weights.")
+    beta: float = Field(0.1, gt=0, description="β: strength of the implicit KL constraint to the reference.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed share of flipped "
+                                   "labels (0 = plain DPO).")
+    pairs_per_batch: int = Field(4, ge=1, description="Preference pairs per micro-batch (2 rows each).")
+    lr: float = Field(5e-7, gt=0, le=1.0, description="Peak learning rate.")
+
+
+def dpo_batches(tokenizer, pairs: Sequence[preference.PreferencePair], cfg: DPOConfig) -> tuple[list[dict], int]:
+    items, skipped = [], 0
+    for pair in pairs:
+        prompt, chosen, rejected = preference.dpo_pair_ids(tokenizer, pair)
+        if len(prompt) + max(len(chosen), len(rejected)) > cfg.max_length:
+            skipped += 1
+            continue
+        items.append((prompt, chosen, rejected))
+    batches = []
+    for start in range(0, len(items), cfg.pairs_per_batch):
+        b = preference.collate_dpo(items[start : start + cfg.pairs_per_batch], tokenizer.pad_id)
+        batches.append({"input_ids": b.input_ids, "padding_mask": b.padding_mask, "labels": b.labels})
+    return batches, skipped
+
+
+def pair_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (chosen [N], rejected [N]) of one micro-batch."""
+    logps = sequence_logprobs(model, batch["input_ids"], batch["labels"], batch["padding_mask"])
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:]
+
+
+@torch.no_grad()
+def attach_reference(reference, batches: list[dict], device) -> None:
+    """Adds the reference's "ref_chosen"/"ref_rejected" log-probs to every batch (kept on the CPU)."""
+    for batch in batches:
+        chosen, rejected = pair_logprobs(reference, {k: v.to(device) for k, v in batch.items()})
+        batch["ref_chosen"], batch["ref_rejected"] = chosen.float().cpu(), rejected.float().cpu()
+
+
+@torch.no_grad()
+def evaluate(model, batches: Sequence[dict], cfg: DPOConfig, device) -> dict[str, float]:
+    margins, accs, losses, n = 0.0, 0.0, 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        chosen, rejected = pair_logprobs(model, batch)
+        out = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], cfg.beta, cfg.label_smoothing)
+        k = chosen.shape[0]
+        margins += out.margin * k
+        accs += out.accuracy * k
+        losses += float(out.loss) * k
+        n += k
+    if not n:
+        return {}
+    return {"eval_margin": margins / n, "eval_accuracy": accs / n, "eval_loss": losses / n}
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    """Optimise the policy with DPO on preference pairs; write the policy checkpoint."""
+    cfg: DPOConfig = ctx.config
+    model_dir = ctx.resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    device = ctx.device
+
+    pairs = read_preference_pairs(ctx.resolve(cfg.train_data, "dataset"))
+    if cfg.eval_data:
+        held_out = read_preference_pairs(ctx.resolve(cfg.eval_data, "dataset"))
+    else:
+        pairs, held_out = split_holdout(pairs, cfg.eval_fraction, cfg.seed, minimum=1 if cfg.eval_fraction else 0)
+    random.Random(cfg.seed).shuffle(pairs)  # files are often grouped by domain; batches should mix them
+    train_batches, skipped = dpo_batches(tokenizer, pairs, cfg)
+    eval_batches, _ = dpo_batches(tokenizer, held_out, cfg)
+    if not train_batches:
+        raise ValueError(f"train_data: no pair fits max_length={cfg.max_length} ({skipped} skipped)")
+    train_cfg = steps_for_epochs(cfg, len(train_batches), ctx.world_size, cfg.epochs)
+    train_batches = shard(train_batches, ctx)
+
+    # The reference scores every pair once, then is dropped: training holds only the policy.
+    reference = freeze(InternLM2ForCausalLM.from_pretrained(ctx.resolve(cfg.reference) if cfg.reference
+                                                             else model_dir, device=device,
+                                                             dtype=frozen_dtype(cfg.precision, device)))
+    attach_reference(reference, train_batches + eval_batches, device)
+    del reference
+    ctx.log(f"{len(pairs) - skipped} training pairs ({skipped} too long), {len(held_out)} held out; "
+            "reference log-probs precomputed")
+
+    policy = load_causal_lm(model_dir)  # fp32 on the CPU; DeepSpeed moves it and keeps fp32 masters
+
+    def loss_fn(model, batch):
+        chosen, rejected = pair_logprobs(model, batch)
+        out = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], cfg.beta, cfg.label_smoothing)
+        return out.loss, {"margin": out.margin, "accuracy": out.accuracy,
+                          "chosen_reward": float(out.chosen_rewards.mean()),
+                          "rejected_reward": float(out.rejected_rewards.mean())}
+
+    def on_step(step: int, _metrics: dict) -> None:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < train_cfg.max_steps:
+            ctx.log_metrics(step, **evaluate(policy, eval_batches, cfg, policy.device))
+
+    result = run_deepspeed_training(ctx, policy, train_batches, loss_fn, train_cfg, save_final=False,
+                                    on_step=on_step)
+    after = evaluate(policy, eval_batches, cfg, policy.device)
+    ctx.log_metrics(result.steps, **after)
+    summary = {**result.final_metrics, **after, "skipped_pairs": skipped}
+    doc = {"stage": ctx.stage, "name": ctx.name, "steps": result.steps, "resumed_from": result.resumed_from,
+           "beta": cfg.beta, "final": summary, "history": result.history}
+    save_final_checkpoint(ctx, policy, tokenizer, doc, zero3=cfg.zero_stage == 3)
+    return summary
+
+
+STAGE = Stage(
+    name="dpo",
+    description="Direct preference optimisation against a frozen reference (β 0.1 default) on preference pairs "
+    "{prompt, chosen, rejected}; response-token log-probs through the fused linear + cross-entropy; reports "
+    "the implicit-reward margin, which should rise.",
+    config_model=DPOConfig,
+    run=run,
+)

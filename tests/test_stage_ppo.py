@@ -1,0 +1,127 @@
+"""ppo stage: COOL RLHF online PPO through DeepSpeed ZeRO-2 on CPU raises the mean reward of a tiny actor
+whose reward model prefers "apple"; critic warm-up, ptx loss, ROUGE-L alignment reward, the reward-model
+fast path between rounds and the checkpoints (actor serves through the engine) are all exercised."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import rlhf_synthetic as synth
+
+from internlm2.core import InternLM2ForCausalLM, InternLM2ForRewardModel
+from internlm2.core.engine import EngineConfig, LLMEngine, SamplingParams
+from internlm2.core.tokenizer import InternLM2Tokenizer
+from internlm2.plugins.contract import MemoryChannel, StageCancelled, StageConfigError, StageInputs, local_context
+from internlm2.plugins.stages.ppo import STAGE
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    tokenizer = synth.make_tokenizer(root / "tokenizer")
+    actor = synth.quick_sft(tokenizer)
+    rm = synth.quick_reward_model(tokenizer, actor)
+    synth.save_model(actor, root / "tokenizer", root / "sft")
+    synth.save_model(rm, root / "tokenizer", root / "rm")
+    prompts = [{"prompt": p, "reference": "apple apple apple apple", "condition": "helpful"} for p in synth.PROMPTS]
+    synth.write_jsonl(root / "prompts.jsonl", prompts)
+    # In-distribution "pretraining" text: the ptx term keeps the actor close to it without fighting PPO.
+    synth.write_jsonl(root / "pretrain.jsonl", [{"text": synth.fruit_answer(random.Random(i), 1, 8)}
+                                                for i in range(40)])
+    synth.write_jsonl(root / "rm_patch.jsonl", synth.preference_pairs(24, seed=7))
+    return root
+
+
+def test_ppo_raises_the_reward_and_serves(world, tmp_path):
+    config = {
+        "reward_model": str(world / "rm"), "prompts": str(world / "prompts.jsonl"),
+        "pretrain_data": str(world / "pretrain.jsonl"), "ptx_coef": 0.5, "ptx_batch_size": 2, "ptx_seq_len": 32,
+        "reward_updates": [str(world / "rm_patch.jsonl")], "reward_update_steps": 3, "reward_update_lr": 1e-4,
+        "max_steps": 14, "rounds": 2, "critic_warmup_iterations": 2, "rollout_batch_size": 16,
+        "minibatch_size": 8, "ppo_epochs": 2, "lr": 1e-3, "critic_lr": 1e-3, "max_grad_norm": 0.0,
+        "whiten_advantages": True, "top_p": 1.0,
+        "max_new_tokens": 12, "max_prompt_length": 64, "alignment_weight": 0.5, "checkpoint_every": 7,
+        "zero_stage": 2,
+    }
+    ctx = local_context(STAGE, config, tmp_path / "out", inputs=StageInputs(checkpoints={"base": world / "sft"}))
+    summary = STAGE.run(ctx)
+
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert len(history) == 14
+    scores = [h["score"] for h in history]
+    # Critic warm-up: the actor is untouched for 2 iterations, then PPO moves it towards the RM's taste.
+    assert [h["actor_updated"] for h in history[:3]] == [0.0, 0.0, 1.0]
+    assert summary["score_last"] > summary["score_first"] + 1.0, scores
+    assert history[-1]["rm_score"] > history[0]["rm_score"]
+    assert history[-1]["rouge_l"] > history[0]["rouge_l"]  # the reference answer is all apples
+    assert history[-1]["kl"] > 0 and "ptx_loss" in history[-1]
+    assert "rm_update_loss" in history[7] and history[7]["round"] == 2.0  # fast path after round 1
+    assert not any("rm_update_loss" in h for h in history[:7] + history[8:])
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "iter-00000007"
+
+    artifacts = {a["name"]: a for a in ctx.channel.of_type("artifact")}
+    assert {"final", "critic", "reward_model", "metrics"} <= set(artifacts)
+    critic = InternLM2ForRewardModel.from_pretrained(tmp_path / "out" / "critic")
+    assert critic.config.reward_token_id == InternLM2Tokenizer.from_pretrained(world / "rm").reward_token_id
+    actor = InternLM2ForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    tok = InternLM2Tokenizer.from_pretrained(tmp_path / "out" / "final")
+    engine = LLMEngine(actor, tok, EngineConfig(max_num_seqs=4, max_model_len=96))
+    outs = engine.generate([tok.encode_chat([{"role": "user", "content": p}]) for p in synth.PROMPTS[:4]],
+                           SamplingParams(temperature=0.0, max_new_tokens=12))
+    assert sum(o.new_text.count("apple") for o in outs) >= 6, [o.new_text for o in outs]
+
+
+def test_ppo_config_rejects_zero3_and_missing_fields():
+    with pytest.raises(StageConfigError) as err:
+        STAGE.parse_config({"reward_model": "rm", "prompts": "p", "zero_stage": 3})
+    assert err.value.field == "config.zero_stage"
+    with pytest.raises(StageConfigError) as err:
+        STAGE.parse_config({"prompts": "p"})
+    assert err.value.field == "config.reward_model"
+    with pytest.raises(StageConfigError) as err:
+        STAGE.parse_config({"reward_model": "rm", "prompts": "p", "max_steps": 20})  # warm-up 50 >= 20
+    assert err.value.field == "config.critic_warmup_iterations"
+    assert not STAGE.documentation_problems()
+
+
+class CancelAfter(MemoryChannel):
+    """Requests cancellation once progress reaches ``step`` (a worker told to stop mid-stage)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def emit(self, event):
+        super().emit(event)
+        if event["type"] == "progress" and event["step"] >= self.step:
+            self.cancel()
+
+
+def test_ppo_stops_on_cancel_and_resumes_from_its_checkpoint(world, tmp_path):
+    config = {"reward_model": str(world / "rm"), "prompts": str(world / "prompts.jsonl"), "max_steps": 5,
+              "rounds": 1, "critic_warmup_iterations": 1, "rollout_batch_size": 4, "minibatch_size": 4,
+              "lr": 1e-3, "critic_lr": 1e-3, "max_new_tokens": 6, "max_prompt_length": 64,
+              "checkpoint_every": 2, "zero_stage": 2}
+    inputs = StageInputs(checkpoints={"base": world / "sft"})
+    first = local_context(STAGE, config, tmp_path / "out", inputs=inputs, channel=CancelAfter(3))
+    with pytest.raises(StageCancelled):
+        STAGE.run(first)
+    tag = (tmp_path / "out" / "checkpoints" / "latest").read_text()
+    assert tag in ("iter-00000002", "iter-00000004")
+    assert not (tmp_path / "out" / "final").exists()
+
+    second = local_context(STAGE, config, tmp_path / "out", inputs=inputs)
+    STAGE.run(second)
+    assert any("resumed from " + tag in e["message"] for e in second.channel.of_type("log"))
+    resumed_at = int(tag.split("-")[1])
+    progress = [e["step"] for e in second.channel.of_type("progress")]
+    assert progress == list(range(resumed_at + 1, 6))  # only the iterations after the checkpoint ran again
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    # The restored actor is the trained one, not the SFT start (which would give a KL of exactly 0).
+    assert abs(history[resumed_at]["kl"]) > 1e-4
+    assert (tmp_path / "out" / "final" / "config.json").exists()
