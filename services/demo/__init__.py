@@ -1,0 +1,5 @@
+"""``internlm2 demo``: the full chain on one machine (see runner.py)."""
+
+from .runner import run
+
+__all__ = ["run"]
