@@ -11,6 +11,7 @@ Query head h reads KV head h // G (G = Hq / Hkv), the grouping of the packed ``w
 
 from __future__ import annotations
 
+import itertools
 from typing import Protocol
 
 import torch
@@ -21,16 +22,22 @@ class AttentionBackend(Protocol):
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
+# torch >= 2.5: SDPA reads grouped K/V (query head h -> kv head h // G) without copying them.
+_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """SDPA on [B, T, H, D] inputs with GQA. ``mask`` is a boolean [B, Tq, Tk] (True = attend)."""
     groups = q.shape[2] // k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    if groups > 1:
-        # repeat_interleave matches the wqkv grouping: query head h -> kv head h // G.
+    extra = {}
+    if groups > 1 and _ENABLE_GQA:
+        extra["enable_gqa"] = True  # query head h reads kv head h // G, the wqkv grouping
+    elif groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=None if mask is None else mask[:, None], is_causal=causal and mask is None
+        q, k, v, attn_mask=None if mask is None else mask[:, None], is_causal=causal and mask is None, **extra
     )
     return out.transpose(1, 2)
 
@@ -40,12 +47,18 @@ class DenseAttention:
 
     ``doc_ids`` [B, T]: packed rows — a token attends only to earlier tokens of the same document.
     ``padding_mask`` [B, T]: True for real tokens; keys at padded positions are never attended.
+
+    Packed rows without padding run one causal SDPA per document: no [T, T] mask, so the flash kernel
+    stays usable on GPU and the ~(1 - 1/docs) of the causal square that a block-diagonal mask would
+    compute and throw away is never computed. The document boundaries are read to the host once per
+    forward (this object lives for one forward) and shared by every layer.
     """
 
     def __init__(self, doc_ids: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None):
         self.doc_ids = doc_ids
         self.padding_mask = padding_mask
         self._mask: torch.Tensor | None = None
+        self._segments: list[list[tuple[int, int]]] | None = None
 
     def mask(self, t: int, device: torch.device) -> torch.Tensor | None:
         if self.doc_ids is None and self.padding_mask is None:
@@ -62,9 +75,25 @@ class DenseAttention:
             self._mask = mask
         return self._mask
 
+    def segments(self) -> list[list[tuple[int, int]]]:
+        """Per row, the (start, end) of each document."""
+        if self._segments is None:
+            rows = []
+            for row in self.doc_ids.tolist():
+                bounds = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]] + [len(row)]
+                rows.append(list(itertools.pairwise(bounds)))
+            self._segments = rows
+        return self._segments
+
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        mask = self.mask(q.shape[1], q.device)
-        return sdpa(q, k, v, mask, causal=True)
+        if self.doc_ids is not None and self.padding_mask is None:
+            rows = [
+                torch.cat([sdpa(q[r : r + 1, s:e], k[r : r + 1, s:e], v[r : r + 1, s:e], None, causal=True)
+                           for s, e in row], dim=1)
+                for r, row in enumerate(self.segments())
+            ]
+            return torch.cat(rows, dim=0)
+        return sdpa(q, k, v, self.mask(q.shape[1], q.device), causal=True)
 
 
 def doc_ids_from_lengths(lengths: list[list[int]] | list[int], total: int, device=None) -> torch.Tensor:

@@ -7,8 +7,9 @@ q_proj/k_proj/v_proj and renaming the rest gives a Llama model that must compute
 from __future__ import annotations
 
 import torch
-from internlm2.core import InternLM2Config
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from internlm2.core import InternLM2Config
 
 
 def llama_config(cfg: InternLM2Config) -> LlamaConfig:
