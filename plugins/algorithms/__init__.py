@@ -15,5 +15,4 @@ trainer (``datasets`` is the one module that reads files).
     ppo_experience  rollouts -> log-probs, values, rewards, GAE; the actor and critic minibatch losses
     models        reward model from a causal-LM trunk, frozen copies, their dtype
     datasets      JSONL records of the stages (preference, prompt, text, eval), hold-out split, packing
-    distributed   any_rank / barrier for loops outside the shared trainer
 """

@@ -44,7 +44,6 @@ from internlm2.core.reward import RewardScorer
 
 from ..algorithms import preference
 from ..algorithms.datasets import PromptRecord, pack_texts, read_preference_pairs, read_prompts, read_texts
-from ..algorithms.distributed import any_rank, barrier
 from ..algorithms.models import freeze, reward_model_from_checkpoint
 from ..algorithms.ppo_experience import Experience, actor_loss, critic_loss, make_experience
 from ..algorithms.reward_loss import reward_model_loss
@@ -53,6 +52,7 @@ from ..algorithms.similarity import rouge_l_batch
 from ..contract import ArtifactKind, Stage, StageCancelled, StageContext
 from ..trainer import build_engine, load_causal_lm, load_tokenizer, save_final_checkpoint
 from ..trainer.config import TrainingConfig
+from ..trainer.distributed import any_rank, barrier
 from .reward_model import pair_batches, split_scores
 
 

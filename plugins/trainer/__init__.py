@@ -4,6 +4,7 @@
     deepspeed_loop            run_deepspeed_training(ctx, model, batches, loss_fn, config) -> TrainResult;
                               build_engine, deepspeed_config, init_distributed, save_final_checkpoint
     activation_checkpointing  apply_activation_checkpointing(model) (from outside the model)
+    distributed               any_rank / barrier: the collectives of every training loop (PPO's own too)
     lm                        load_causal_lm, load_tokenizer, packed_lm_loss, rank_batches
 """
 

@@ -38,6 +38,7 @@ from torch import nn
 from ..contract import ArtifactKind, StageCancelled, StageContext
 from .activation_checkpointing import apply_activation_checkpointing
 from .config import TrainingConfig
+from .distributed import any_rank, barrier
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]"]
@@ -167,22 +168,6 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any (all ranks stop at the same step)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _barrier() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _batch_getter(batches: Sequence[Batch] | Callable[[int], Batch]) -> Callable[[int], Batch]:
     if callable(batches) and not isinstance(batches, Sequence):
         return batches
@@ -232,7 +217,7 @@ def run_deepspeed_training(
 
     metrics: dict[str, float] = {}
     for step in range(start, config.max_steps):
-        if _any_rank(ctx.should_cancel()):
+        if any_rank(ctx.should_cancel()):
             raise StageCancelled(f"stage {ctx.name} cancelled at step {step}")
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
@@ -276,7 +261,7 @@ def run_deepspeed_training(
 def _save_resumable(ctx: StageContext, engine, step: int, history: list, keep: int) -> None:
     tag = f"step-{step:08d}"
     engine.save_checkpoint(str(ctx.checkpoint_dir), tag=tag, client_state={"step": step, "history": history})
-    _barrier()
+    barrier()
     ctx.commit_checkpoint(tag)
     if ctx.is_main:
         old = sorted(p for p in ctx.checkpoint_dir.glob("step-*") if p.is_dir())[:-keep]
@@ -309,5 +294,5 @@ def save_final_checkpoint(ctx: StageContext, model: nn.Module, tokenizer: Any, m
         metrics_path.write_text(json.dumps(metrics_doc, indent=1, allow_nan=True))
         ctx.add_artifact(name, out, ArtifactKind.CHECKPOINT)
         ctx.add_artifact("metrics", metrics_path, ArtifactKind.OTHER)
-    _barrier()
+    barrier()
     return out

@@ -72,11 +72,13 @@ def evaluate_policy(address: str, tokenizer_address: str, rewards, questions: li
             return client.generate(messages=q.messages(), temperature=0.0, max_new_tokens=16)
 
         def answer_nll(q: Question) -> tuple[float, int]:
-            """Summed -log p of the reference answer and its end of turn, given the question."""
+            """Summed -log p of the reference answer and its <|im_end|>, given the question; token count."""
             prefix = tokenizer.apply_chat_template(q.messages(), add_generation_prompt=True).token_ids
             result = client.generate(messages=q.messages(q.answer), add_generation_prompt=False,
                                      max_new_tokens=1, prompt_logprobs=0, temperature=0.0)
-            answer_logprobs = [t.logprob for t in result.prompt_logprobs[len(prefix):]]
+            # The template closes the turn with "<|im_end|>\n"; the "\n" after the end of turn is not the
+            # answer (SFT never trains on it), so the answer is its text plus <|im_end|>.
+            answer_logprobs = [t.logprob for t in result.prompt_logprobs[len(prefix) : -1]]
             return -sum(answer_logprobs), len(answer_logprobs)
 
         with ThreadPoolExecutor(max_workers=8) as pool:

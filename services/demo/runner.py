@@ -162,7 +162,8 @@ def run(args: Namespace) -> int:
                                      CONDITION)
             server.stop()
             metrics = stages[name].metrics if name in stages else {}
-            rows.append({"stage": name, "loss": metrics.get("loss"), **result})
+            # PPO has no single "loss": its row shows the actor's (policy + ptx) loss.
+            rows.append({"stage": name, "loss": metrics.get("loss", metrics.get("actor_loss")), **result})
             say(f"  {name:<13} accuracy {result['accuracy']:.2f} (digits {result['digit_accuracy']:.2f})  "
                 f"reward {result['mean_reward']:+.3f}  answer perplexity {result['perplexity']:.2f}")
         rm_acc = reward_accuracy(rewards, data.heldout, CONDITION)

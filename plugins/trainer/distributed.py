@@ -1,4 +1,4 @@
-"""The two collectives a multi-model stage loop needs outside the shared trainer (no-ops on one rank)."""
+"""The two collectives every training loop needs (the shared trainer and PPO's own loop); no-ops on one rank."""
 
 from __future__ import annotations
 
