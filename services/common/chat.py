@@ -13,6 +13,7 @@ import re
 from internlm2.v1 import common_pb2
 
 from .errors import ServiceError
+from .json_schema import schema_problem
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\[\d+\])?(?:\.[A-Za-z_][\w]*(?:\[\d+\])?)*): (.*)$", re.S)
@@ -81,9 +82,14 @@ def tools_from_proto(tools, prefix: str = "tools") -> list[dict]:
             raise ServiceError.invalid_argument(f"{path}.parameters_json", f"not valid JSON: {exc}") from None
         if not isinstance(parameters, dict):
             raise ServiceError.invalid_argument(f"{path}.parameters_json", "must be a JSON Schema object")
-        entry = {"name": tool.name, "parameters": parameters}
+        if problem := schema_problem(parameters):
+            raise ServiceError.invalid_argument(f"{path}.parameters_json", f"not a valid JSON Schema: {problem}")
+        # Key order is prompt text: name, description, parameters, as the client wrote it (OpenAI's and
+        # lagent's order, which InternLM2-chat was trained on) and as the core renders a tool dict.
+        entry = {"name": tool.name}
         if tool.description:
             entry["description"] = tool.description
+        entry["parameters"] = parameters
         out.append(entry)
     return out
 
