@@ -2,12 +2,17 @@
 stage launched as a DeepSpeed training process: a pipeline with progress, metrics and artifacts;
 a bad config rejected before anything runs; cancel within seconds with consistent state; a worker
 killed with SIGKILL mid-stage -> the stage resumes from its last checkpoint on the other worker,
-and a redelivered copy of a running stage never starts a second training process."""
+and a redelivered copy of a running stage never starts a second training process; dispatch intents:
+a worker (or service) dying between a commit and the message it calls for does not stall the job,
+and duplicate messages run each stage once."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from training_support import RedisServer, Worker, build_assets, processes_running, wait_for
@@ -16,6 +21,7 @@ from internlm2.core import InternLM2ForCausalLM, greedy_generate
 from internlm2.core.tokenizer import InternLM2Tokenizer
 from internlm2.plugins.contract import StageConfigError
 from internlm2.plugins.runtime.jobs import JobFinishedError, JobState, JobStore
+from internlm2.plugins.runtime.tasks import EXIT_BEFORE_DISPATCH, FAILPOINT_EXIT_CODE
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -235,14 +241,21 @@ from internlm2.plugins.contract import Stage, StageConfig
 
 
 class ProbeConfig(StageConfig):
-    """How the probe misbehaves."""
+    """How the probe (mis)behaves."""
 
-    mode: Literal["fail", "hang"] = Field(..., description="fail: raise; hang: ignore cancel, sleep.")
+    mode: Literal["fail", "hang", "ok"] = Field(..., description="fail: raise; hang: ignore cancel, sleep; "
+                                                "ok: note the run in output_dir/runs, sleep, succeed.")
+    seconds: float = Field(0.0, ge=0, description="ok: how long the stage runs.")
 
 
 def run(ctx):
-    """Report one step, then fail or hang without ever checking for cancel."""
+    """Report one step, then fail, hang without ever checking for cancel, or succeed."""
     ctx.report_progress(1, 2)
+    if ctx.config.mode == "ok":
+        with open(ctx.output_dir / "runs", "a") as f:  # one line per execution of this stage
+            f.write(f"{ctx.attempt}\\n")
+        time.sleep(ctx.config.seconds)
+        return {}
     if ctx.config.mode == "fail":
         raise RuntimeError("boom")
     while True:
@@ -296,3 +309,136 @@ def test_failed_stage_and_uncooperative_cancel(store, workers, probe_plugin):
     assert job.state is JobState.CANCELLED
     assert job.stages[0].state is JobState.CANCELLED and "signal" in job.stages[0].error
     assert processes_running(f"/{hanging.job_id}/") == []
+
+
+# ---- dispatch intents: the transition and the message it calls for ------------------------------
+OK = {"stage": "probe", "config": {"mode": "ok"}}
+
+
+def probe_env(site: Path, **extra: str) -> dict[str, str]:
+    return {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra}
+
+
+def runs_of(store: JobStore, job_id: str) -> list[list[str]]:
+    """Per stage, the attempts that executed it (lines the probe wrote)."""
+    out = []
+    for st in store.get(job_id).stages:
+        path = Path(st.output_dir) / "runs"
+        out.append(path.read_text().split() if path.exists() else [])
+    return out
+
+
+def running_events(store: JobStore, job_id: str) -> list[str]:
+    return [e.stage for e in store.events(job_id) if e.kind == "state" and e.stage and e.data["state"] == "RUNNING"]
+
+
+def broker_down(job_id: str, index: int) -> None:
+    raise ConnectionError("broker unreachable")  # the state a process dying before its send leaves
+
+
+def test_dispatch_intents_commit_with_each_transition_and_are_sent_once(store, probe_plugin, tmp_path):
+    sent: list[tuple[str, int]] = []
+    failing = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=broker_down)
+    rescuer = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=lambda j, i: sent.append((j, i)))
+
+    def intents() -> list[str]:
+        return store.r.zrange(store.intents_key, 0, -1)
+
+    def age_intents() -> None:  # as if recorded long ago
+        store.r.zadd(store.intents_key, {m: time.time() - 100 for m in intents()})
+
+    # submit -> stage 0: accepted although nothing could be sent; the intent committed with the job.
+    job = failing.submit([OK, OK], idempotency_key="once")
+    assert intents() == [f"{job.job_id}:0"] and store.r.llen("gpu") == 0
+    assert failing.submit([OK, OK], idempotency_key="once").job_id == job.job_id
+    assert rescuer.resend_stale_dispatches(timeout_s=10) == []  # too recent: its sender may be at it
+    age_intents()
+    with ThreadPoolExecutor(4) as pool:  # every worker's recovery thread at once: sent once
+        list(pool.map(lambda _: rescuer.resend_stale_dispatches(timeout_s=10), range(4)))
+    assert sent == [(job.job_id, 0)] and intents() == []
+
+    # The lease makes claims idempotent: a duplicate message never runs a stage twice.
+    claim = rescuer.claim_stage(job.job_id, 0, "w1", lease_ttl_s=30)
+    assert claim.outcome == "run"
+    assert rescuer.claim_stage(job.job_id, 0, "w2", lease_ttl_s=30).outcome == "busy"
+    assert rescuer.claim_stage(job.job_id, 1, "w2", lease_ttl_s=30).outcome == "early"
+
+    # stage 0 SUCCEEDED -> stage 1: the intent commits with finish_stage.
+    assert failing.finish_stage(job.job_id, 0, claim.token, JobState.SUCCEEDED)
+    assert intents() == [f"{job.job_id}:1"]
+    assert rescuer.claim_stage(job.job_id, 0, "w2", lease_ttl_s=30).outcome == "done"
+    # A cancel racing that dispatch: the job ends with its intents, nothing is sent afterwards.
+    age_intents()
+    assert store.cancel(job.job_id).state is JobState.CANCELLED
+    assert intents() == [] and rescuer.resend_stale_dispatches(timeout_s=10) == []
+    assert rescuer.claim_stage(job.job_id, 1, "w3", lease_ttl_s=30).outcome == "done"
+
+    # A lost stage requeued: the intent commits with the requeue; a claim drops it.
+    other = rescuer.submit([OK])
+    lost = rescuer.claim_stage(other.job_id, 0, "w1", lease_ttl_s=0.2)
+    time.sleep(0.3)
+    assert failing.recover_lost_stages() == [(other.job_id, 0)]
+    assert intents() == [f"{other.job_id}:0"]
+    age_intents()
+    assert rescuer.resend_stale_dispatches(timeout_s=10) == [(other.job_id, 0)] and intents() == []
+    assert rescuer.claim_stage(other.job_id, 0, "w2", lease_ttl_s=30).outcome == "run"
+    assert lost.outcome == "run" and not rescuer.heartbeat(other.job_id, 0, lost.token, 30)
+    # An intent whose stage was claimed meanwhile is dropped, not sent.
+    store.r.zadd(store.intents_key, {f"{other.job_id}:0": time.time() - 100})
+    assert rescuer.resend_stale_dispatches(timeout_s=10) == [] and intents() == []
+    assert sent == [(job.job_id, 0), (other.job_id, 0), (other.job_id, 0)]
+
+
+def test_dying_between_commit_and_dispatch_does_not_stall_jobs(store, workers, probe_plugin, tmp_path):
+    # The visibility timeout stays at its default (7 days): only the dispatch intents can save these jobs.
+    env = probe_env(probe_plugin, INTERNLM2_DISPATCH_TIMEOUT_S="2")
+    doomed = workers("doomed", INTERNLM2_FAILPOINT=EXIT_BEFORE_DISPATCH, **env)
+    doomed.wait_ready()
+    job = store.submit([OK, OK])
+    # The failpoint: the worker exits right after stage 0's finish_stage committed, before sending stage 1.
+    assert doomed.proc.wait(60) == FAILPOINT_EXIT_CODE, doomed.log()[-2000:]
+    stalled = store.get(job.job_id)
+    assert stalled.state is JobState.RUNNING
+    assert [s.state for s in stalled.stages] == [JobState.SUCCEEDED, JobState.QUEUED]
+    assert store.r.zrange(store.intents_key, 0, -1) == [f"{job.job_id}:1"]
+    # The service dies (or the broker fails) between storing a job and sending stage 0.
+    orphan = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=broker_down).submit([OK])
+    assert store.r.llen("gpu") == 0  # no message for either job anywhere in the queue
+
+    rescuer = workers("rescuer", **env)
+    rescuer.wait_ready()
+    t0 = time.monotonic()
+    wait_for(lambda: all(store.get(j).state.terminal for j in (job.job_id, orphan.job_id)), 30,
+             what="the stalled jobs")
+    took = time.monotonic() - t0
+    assert took < 15, took
+    for j, stages in ((job.job_id, ["probe", "probe-2"]), (orphan.job_id, ["probe"])):
+        done = store.get(j)
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert runs_of(store, j) == [["0"]] * len(stages)  # each stage executed exactly once
+        assert running_events(store, j) == stages
+    assert store.r.zcard(store.intents_key) == 0
+    assert "dispatch intent unsent" in rescuer.log()
+
+
+def test_duplicate_messages_run_each_stage_once(store, workers, probe_plugin):
+    env = probe_env(probe_plugin)
+    pair = [workers("a", **env), workers("b", **env)]
+    for w in pair:
+        w.wait_ready()
+    slow = {"stage": "probe", "config": {"mode": "ok", "seconds": 1.0}}
+    job = store.submit([slow, slow])
+    for index in (0, 0, 1):  # two more copies of stage 0, and one of stage 1 before its turn
+        store.dispatch(job.job_id, index)
+    wait_for(lambda: store.get(job.job_id).state.terminal, 60, what="the job")
+
+    def claims() -> list[str]:
+        return [line.split(": claim ")[1].split()[0] for w in pair for line in w.log().splitlines()
+                if f"job {job.job_id} stage " in line and ": claim " in line]
+
+    wait_for(lambda: len(claims()) == 5, 20, what="every copy to be claimed")  # 3 + 1 duplicates + stage 1
+    outcomes = claims()
+    assert outcomes.count("run") == 2 and set(outcomes) - {"run"} <= {"busy", "done", "early"}, outcomes
+    assert store.get(job.job_id).state is JobState.SUCCEEDED
+    assert runs_of(store, job.job_id) == [["0"], ["0"]]
+    assert running_events(store, job.job_id) == ["probe", "probe-2"]

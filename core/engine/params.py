@@ -15,6 +15,11 @@ from ..config import ConfigError
 from .errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI and vLLM cap them
+# Stop strings are matched (and their prefixes held back) on the engine thread after every token of
+# the request, at a cost that grows with their number times their length: bound both so one request
+# cannot slow every other request's steps.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
 
 
 def _is_int(x) -> bool:
@@ -33,7 +38,8 @@ class SamplingParams:
     ``repetition_penalty`` (HF/CTRL: divide positive logits, multiply negative ones) over prompt and
     output tokens; ``presence_penalty`` / ``frequency_penalty`` (OpenAI) over output tokens only.
     ``seed`` makes sampling reproducible per request whatever else runs in the batch.
-    ``stop`` strings end the output and are not part of it; ``stop_token_ids`` add to the tokenizer's
+    ``stop`` strings (at most ``MAX_STOP_STRINGS``, each non-empty and at most ``MAX_STOP_STRING_CHARS``
+    characters) end the output and are not part of it; ``stop_token_ids`` add to the tokenizer's
     end-of-turn ids (``</s>``, ``<|im_end|>``; None = only those); ``ignore_eos`` drops the latter.
     ``min_new_tokens`` masks every stop id and skips stop strings until that many tokens exist.
     ``logprobs=k``: the chosen token's logprob plus the k most likely alternatives (0 = chosen only);
@@ -103,6 +109,13 @@ class SamplingParams:
             )
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop", f"must be a list of non-empty strings, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        longest = max(self.stop, key=len, default="")
+        if len(longest) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(
+                "stop", f"each stop string is at most {MAX_STOP_STRING_CHARS} characters, got {len(longest)}"
+            )
         if self.stop_token_ids is not None and (
             not isinstance(self.stop_token_ids, list)
             or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)

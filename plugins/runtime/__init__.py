@@ -4,7 +4,7 @@
     pipeline    validate_pipeline: every stage config checked before anything runs
     jobs        JobStore: submit / get / list / cancel / watch + the worker-side transitions
     celery_app  make_app / app: Redis broker + backend, acks_late, prefetch 1, long visibility timeout
-    tasks       the ``internlm2.training.run_stage`` task and chain dispatch
+    tasks       the ``internlm2.training.run_stage`` task and per-stage dispatch
     supervisor  launches and follows the training process (cancel, heartbeat lease, events)
     launch      ``python -m internlm2.plugins.runtime.launch RUN.json``: runs a stage in a process
     channels    event/cancel transport between the training process and its supervisor

@@ -9,6 +9,9 @@ Settings that matter for hour-long stages (research notes: Celery docs, celery#5
     + a lease per running stage (jobs.JobStore.claim_stage / heartbeat): a redelivered copy whose
       lease is alive does nothing, and each worker's recovery thread requeues a stage whose lease
       expired (its worker died), so recovery does not wait for the visibility timeout.
+    + a dispatch intent per transition that makes a stage due (submit, stage succeeded, requeue),
+      committed with it: the same thread sends intents left unsent longer than dispatch_timeout_s
+      (the process that committed died before sending), so neither does that wait.
 
 Workers: ``celery -A internlm2.plugins.runtime.celery_app worker -Q gpu -c 1 -P solo`` (or
 ``internlm2 serve worker``). The module-level ``app`` reads REDIS_URL and INTERNLM2_* from the
@@ -32,8 +35,10 @@ class RuntimeSettings:
     lease_ttl_s: float = 30.0  # a stage whose worker is silent this long is presumed lost
     cancel_grace_s: float = 30.0  # cooperative cancel, then SIGTERM; SIGKILL after as long again
     max_attempts: int = 3  # restarts after lost workers before the stage fails
+    dispatch_timeout_s: float = 30.0  # a dispatch intent unsent this long is presumed lost with its sender
     poll_s: float = 0.25  # supervisor loop period (events, cancel, heartbeat)
     work_dir: str = ""  # default output root of jobs submitted through this app ("" = default)
+    failpoint: str = ""  # tests only: tasks.EXIT_BEFORE_DISPATCH makes the worker die after a commit
 
     @classmethod
     def from_env(cls) -> RuntimeSettings:
@@ -42,7 +47,9 @@ class RuntimeSettings:
             lease_ttl_s=float(env.get("INTERNLM2_LEASE_TTL_S", cls.lease_ttl_s)),
             cancel_grace_s=float(env.get("INTERNLM2_CANCEL_GRACE_S", cls.cancel_grace_s)),
             max_attempts=int(env.get("INTERNLM2_MAX_ATTEMPTS", cls.max_attempts)),
+            dispatch_timeout_s=float(env.get("INTERNLM2_DISPATCH_TIMEOUT_S", cls.dispatch_timeout_s)),
             work_dir=env.get("INTERNLM2_WORK_DIR", ""),
+            failpoint=env.get("INTERNLM2_FAILPOINT", ""),
         )
 
 
@@ -86,7 +93,8 @@ def settings_of(app: Celery) -> RuntimeSettings:
 
 
 def _recovery_on_worker_start(app: Celery) -> None:
-    """Each worker runs a thread that requeues stages whose lease expired (their worker died)."""
+    """Each worker runs a thread that requeues stages whose lease expired (their worker died) and
+    sends dispatch intents that their sender left unsent (it died between commit and send)."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -94,9 +102,11 @@ def _recovery_on_worker_start(app: Celery) -> None:
 
         settings = settings_of(app)
         store = JobStore(app.conf.internlm2_redis_url, dispatcher=lambda j, i: dispatch(app, j, i))
-        while not stop.wait(max(0.5, settings.lease_ttl_s / 3)):
+        period = max(0.5, min(settings.lease_ttl_s, settings.dispatch_timeout_s) / 3)
+        while not stop.wait(period):
             try:
                 store.recover_lost_stages(settings.max_attempts)
+                store.resend_stale_dispatches(settings.dispatch_timeout_s)
             except Exception:  # Redis blips must not kill the thread
                 import logging
 
@@ -113,11 +123,11 @@ def _recovery_on_worker_start(app: Celery) -> None:
     worker_shutdown.connect(on_shutdown, weak=False)
 
 
-def dispatch(app: Celery, job_id: str, start_index: int) -> None:
-    """Send stages ``start_index..`` of a job as one chain (each to its stage's queue)."""
+def dispatch(app: Celery, job_id: str, index: int) -> None:
+    """Send one message for stage ``index`` of a job (to its stage's queue)."""
     from .tasks import dispatch as _dispatch
 
-    _dispatch(app, job_id, start_index)
+    _dispatch(app, job_id, index)
 
 
 _apps: dict[str, Celery] = {}

@@ -22,14 +22,31 @@ Public API (the training service wraps exactly this)::
 Everything lives in Redis, so records and event streams survive a restart of the service:
 ``{ns}:job:{id}`` (JSON record), ``{ns}:job:{id}:events`` (stream with ids ``0-<sequence>``),
 ``{ns}:jobs`` (sorted set by create time), ``{ns}:idem:{key}``, ``{ns}:lease:{id}:{i}`` (the lease
-of a running stage), ``{ns}:cancel:{id}`` and ``{ns}:running`` (stages holding a lease).
+of a running stage), ``{ns}:cancel:{id}``, ``{ns}:running`` (stages holding a lease) and
+``{ns}:dispatch`` (dispatch intents: ``{id}:{i}`` scored by the time they were recorded).
 Every change of a record and the events it causes commit in one MULTI under WATCH, so a reader
 never sees a state without its event or the reverse.
+
+Nothing is lost between a commit and the Celery message it calls for. Each transition that makes a
+stage due to run (submit -> stage 0, stage i SUCCEEDED -> stage i+1, lost stage requeued) records
+a *dispatch intent* in its own MULTI; after EXEC the store sends the message and then drops the
+intent. A process that dies (or a broker that fails) in between leaves the intent behind, and
+every worker's recovery thread (:meth:`JobStore.resend_stale_dispatches`) sends any intent older
+than the dispatch timeout (seconds) — instead of the job waiting for Redis to redeliver the
+previous message after its visibility timeout (days). Sending twice is harmless: a stage runs only
+under its lease (:meth:`JobStore.claim_stage`), so a duplicate message finds it ``busy`` or
+``done`` and does nothing. An intent is dropped when its stage is claimed or its job ends, so a
+cancel or a failure racing a dispatch never sends a stage of an ended job.
+
+What the intent does not cover: a message taken off the queue by a worker that dies before its
+claim commits (milliseconds) still waits for the visibility timeout; after the claim, the lease
+covers the stage.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -43,6 +60,8 @@ import redis
 from ..contract import ArtifactKind, ArtifactRef, StageInputs, StageOutput
 from .pipeline import validate_pipeline
 from .records import Artifact, Job, JobEvent, JobState, StageRun
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Claim",
@@ -64,6 +83,14 @@ return n
 _RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
+"""
+# Compare-and-set of one dispatch intent: only the caller that saw its current time changes it
+# (ARGV[3] == "": drop it). Two recovery threads that see the same stale intent send it once.
+_SWAP_INTENT = """
+local t = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not t or tonumber(t) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
+return 1
 """
 
 
@@ -87,14 +114,13 @@ class Claim:
 
     ``run``: the caller holds the lease ``token`` and must run the stage (``attempt`` > 0: resume).
     ``busy``: another live copy holds the lease — do nothing. ``done``: the stage (or job) already
-    ended — do nothing, but if ``continue_chain`` the pipeline's next stage may be (re)sent.
-    ``early``: an earlier stage has not succeeded — do nothing.
+    ended — do nothing (the next stage has its own dispatch intent). ``early``: an earlier stage has
+    not succeeded — do nothing (this stage is sent again when that one succeeds).
     """
 
     outcome: str
     token: str = ""
     attempt: int = 0
-    continue_chain: bool = False
 
 
 class _Tx:
@@ -106,6 +132,7 @@ class _Tx:
         self.changed = False
         self.events: list[tuple[str, str, dict[str, Any]]] = []
         self.commands: list[Callable[[redis.client.Pipeline], Any]] = []
+        self.sends: list[tuple[str, int]] = []  # (job_id, index) to send once the MULTI committed
 
     def event(self, stage: str, kind: str, data: dict[str, Any]) -> None:
         self.changed = True
@@ -127,8 +154,8 @@ class JobStore:
         dispatcher: Callable[[str, int], None] | None = None,
         namespace: str = "il2",
     ):
-        """``dispatcher(job_id, start_index)`` queues the stages from ``start_index`` on as a Celery
-        chain; default: :func:`internlm2.plugins.runtime.tasks.dispatch` on this Redis."""
+        """``dispatcher(job_id, index)`` sends one Celery message for stage ``index``; default:
+        :func:`internlm2.plugins.runtime.tasks.dispatch` on this Redis."""
         self.redis_url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
         self.r = redis.Redis.from_url(self.redis_url, decode_responses=True)
         self.work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
@@ -142,6 +169,10 @@ class JobStore:
     def lease_key(self, job_id: str, index: int) -> str:
         return self._k("lease", job_id, index)
 
+    @property
+    def intents_key(self) -> str:
+        return self._k("dispatch")
+
     # ---- public API ---------------------------------------------------------------------------
     def submit(
         self,
@@ -154,12 +185,6 @@ class JobStore:
     ) -> Job:
         """Validate every stage, store the job (QUEUED) and queue its chain. See the module docstring."""
         planned = validate_pipeline(pipeline, inputs)
-        if idempotency_key:
-            existing = self.r.get(self._k("idem", idempotency_key))
-            if existing:
-                job = self.get(existing)
-                job.created = False
-                return job
         job_id = uuid.uuid4().hex[:16]
         now = time.time()
         root = self.work_dir / job_id
@@ -171,20 +196,34 @@ class JobStore:
             labels=dict(labels or {}), idempotency_key=idempotency_key or "",
             inputs={k: dict(v) for k, v in (inputs or {}).items()}, work_dir=str(root), create_time=now,
         )
-        key = self._k("job", job_id)
-        with self.r.pipeline() as pipe:
-            # Claim the key first: a concurrent submit with the same key loses and returns ours.
-            if idempotency_key and not self.r.set(self._k("idem", idempotency_key), job_id, nx=True):
-                job = self.get(self.r.get(self._k("idem", idempotency_key)))
-                job.created = False
-                return job
-            pipe.multi()
-            pipe.set(key, json.dumps(job.to_dict()))
-            pipe.zadd(self._k("jobs"), {job_id: now})
-            self._append(pipe, job_id, "", "state", {"state": JobState.QUEUED.value, "message": "submitted"},
-                         now)
-            pipe.execute()
-        self.dispatch(job_id, 0)
+        key, idem = self._k("job", job_id), self._k("idem", idempotency_key or "")
+        while True:
+            # The idempotency key, the record, its first event and the intent to send stage 0 commit
+            # together: a crash leaves either nothing or a job that will run. A concurrent submit
+            # with the same key makes EXEC fail here; the retry returns that job.
+            with self.r.pipeline() as pipe:
+                try:
+                    if idempotency_key:
+                        pipe.watch(idem)
+                        existing = pipe.get(idem)
+                        if existing:
+                            pipe.unwatch()
+                            job = self.get(existing)
+                            job.created = False
+                            return job
+                    pipe.multi()
+                    if idempotency_key:
+                        pipe.set(idem, job_id)
+                    pipe.set(key, json.dumps(job.to_dict()))
+                    pipe.zadd(self._k("jobs"), {job_id: now})
+                    self._append(pipe, job_id, "", "state",
+                                 {"state": JobState.QUEUED.value, "message": "submitted"}, now)
+                    pipe.zadd(self.intents_key, {self._intent(job_id, 0): now})
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        self._send(job_id, 0, now)
         return job
 
     def get(self, job_id: str) -> Job:
@@ -290,13 +329,40 @@ class JobStore:
         return [self._parse_event(job_id, i, f) for i, f in entries]
 
     # ---- dispatch -----------------------------------------------------------------------------
-    def dispatch(self, job_id: str, start_index: int) -> None:
-        """Queue stages ``start_index..`` of the job as a Celery chain."""
+    def dispatch(self, job_id: str, index: int) -> None:
+        """Send one message for stage ``index`` of the job (no intent: callers that need the send to
+        survive a crash record an intent first, see the module docstring)."""
         if self._dispatcher is None:
             from .tasks import dispatcher_for
 
             self._dispatcher = dispatcher_for(self.redis_url)
-        self._dispatcher(job_id, start_index)
+        self._dispatcher(job_id, index)
+
+    def resend_stale_dispatches(self, timeout_s: float) -> list[tuple[str, int]]:
+        """Send every dispatch intent recorded more than ``timeout_s`` ago and still there (the
+        process that recorded it died before sending, or the broker refused the message). Safe to
+        call from every worker concurrently: each stale intent is taken by one caller, whose send
+        re-arms it for another ``timeout_s`` until it succeeds. Returns the (job_id, index) sent."""
+        now = time.time()
+        sent = []
+        for member, recorded in self.r.zrangebyscore(self.intents_key, "-inf", now - timeout_s, withscores=True):
+            if not self._swap_intent(member, recorded, now):
+                continue  # another worker took it, or it was sent/claimed meanwhile
+            job_id, _, idx = member.rpartition(":")
+            index = int(idx)
+            try:
+                job = self.get(job_id)
+            except JobNotFoundError:
+                self._swap_intent(member, now, None)
+                continue
+            if job.state.terminal or job.stages[index].state is not JobState.QUEUED:
+                self._swap_intent(member, now, None)  # ended or claimed: nothing to send
+                continue
+            logger.warning("job %s stage %d: dispatch intent unsent for %.0f s; sending it",
+                           job_id, index, now - recorded)
+            if self._send(job_id, index, now):
+                sent.append((job_id, index))
+        return sent
 
     # ---- worker side --------------------------------------------------------------------------
     def claim_stage(self, job_id: str, index: int, worker: str, lease_ttl_s: float,
@@ -310,7 +376,7 @@ class JobStore:
             if job.state.terminal:
                 return Claim("done")
             if st.state.terminal:
-                return Claim("done", continue_chain=st.state is JobState.SUCCEEDED)
+                return Claim("done")
             if tx.pipe.exists(lease):
                 return Claim("busy")
             if job.state is JobState.CANCELLING:
@@ -338,6 +404,7 @@ class JobStore:
                 tx.event("", "state", {"state": JobState.RUNNING.value, "message": ""})
             tx.do(lambda p: p.set(lease, token, px=int(lease_ttl_s * 1000)))
             tx.do(lambda p: p.sadd(self._k("running"), f"{job_id}:{index}"))
+            tx.do(lambda p: p.zrem(self.intents_key, self._intent(job_id, index)))  # delivered
             return Claim("run", token=token, attempt=st.attempt)
 
         return self._mutate(job_id, fn, watch=(lease,))
@@ -369,7 +436,8 @@ class JobStore:
 
     def finish_stage(self, job_id: str, index: int, token: str, state: JobState, error: str = "",
                      metrics: Mapping[str, float] | None = None) -> bool:
-        """End a stage (SUCCEEDED / FAILED / CANCELLED) and release its lease; the job follows.
+        """End a stage (SUCCEEDED / FAILED / CANCELLED) and release its lease; the job follows. On
+        SUCCEEDED the intent to send the next stage commits with it, then the message is sent.
         False when ``token`` no longer holds the lease (another copy owns the stage now)."""
         lease = self.lease_key(job_id, index)
 
@@ -384,8 +452,8 @@ class JobStore:
         return self._mutate(job_id, fn, watch=(lease,))
 
     def recover_lost_stages(self, max_attempts: int = 3) -> list[tuple[str, int]]:
-        """Requeue every RUNNING stage whose lease expired (its worker died) and dispatch it again;
-        a cancelling job whose stage was lost just ends CANCELLED. Safe to call from every worker
+        """Requeue every RUNNING stage whose lease expired (its worker died) and send it again (with
+        a dispatch intent); a cancelling job whose stage was lost just ends CANCELLED. Safe to call from every worker
         concurrently. Returns the (job_id, index) requeued."""
         requeued = []
         for member in self.r.smembers(self._k("running")):
@@ -413,12 +481,12 @@ class JobStore:
                 tx.event(st.name, "log", {"level": "WARNING",
                                           "message": f"worker {st.worker} lost; requeued (attempt {st.attempt})"})
                 tx.event(st.name, "state", {"state": JobState.QUEUED.value, "message": "worker lost"})
+                self._intend(job, tx, index)
                 return True
 
             try:
                 if self._mutate(job_id, fn, watch=(lease,)):
                     requeued.append((job_id, index))
-                    self.dispatch(job_id, index)
             except JobNotFoundError:
                 self.r.srem(self._k("running"), member)
         return requeued
@@ -441,6 +509,8 @@ class JobStore:
 
     # ---- internals ----------------------------------------------------------------------------
     def _mutate(self, job_id: str, fn: Callable[[Job, _Tx], Any], watch: Sequence[str] = ()) -> Any:
+        """Run ``fn(job, tx)`` under WATCH of the record (and ``watch``) and commit what it changed in
+        one MULTI, retrying on a concurrent change; then send the stages it intended (``tx.sends``)."""
         key = self._k("job", job_id)
         while True:
             with self.r.pipeline() as pipe:
@@ -462,9 +532,38 @@ class JobStore:
                     for command in tx.commands:
                         command(pipe)
                     pipe.execute()
-                    return result
                 except redis.WatchError:
                     continue
+            for sent_job, index in tx.sends:
+                self._send(sent_job, index, tx.now)
+            return result
+
+    # ---- dispatch intents (see the module docstring) ------------------------------------------
+    @staticmethod
+    def _intent(job_id: str, index: int) -> str:
+        return f"{job_id}:{index}"
+
+    def _intend(self, job: Job, tx: _Tx, index: int) -> None:
+        """Record, in this transaction, that stage ``index`` must be sent; sent after the commit."""
+        member = self._intent(job.job_id, index)
+        tx.do(lambda p: p.zadd(self.intents_key, {member: tx.now}))
+        tx.sends.append((job.job_id, index))
+
+    def _swap_intent(self, member: str, seen: float, new: float | None) -> bool:
+        return bool(self.r.eval(_SWAP_INTENT, 1, self.intents_key, member, repr(seen),
+                                "" if new is None else repr(new)))
+
+    def _send(self, job_id: str, index: int, recorded: float) -> bool:
+        """Send the message of an intent recorded at ``recorded``, then drop the intent unless it
+        changed meanwhile. A failure is logged, not raised: the transition is committed and the
+        intent left behind is sent by a recovery thread."""
+        try:
+            self.dispatch(job_id, index)
+            self._swap_intent(self._intent(job_id, index), recorded, None)
+            return True
+        except Exception:
+            logger.exception("job %s stage %d: sending failed; a worker will resend it", job_id, index)
+            return False
 
     def _append(self, pipe: Any, job_id: str, stage: str, kind: str, data: dict[str, Any], now: float) -> None:
         payload = json.dumps({"t": now, "s": stage, "k": kind, "d": data})
@@ -516,6 +615,8 @@ class JobStore:
             self._end_job(job, tx, JobState.SUCCEEDED, "")
         elif state is JobState.SUCCEEDED and job.state is JobState.CANCELLING:
             self._end_job(job, tx, JobState.CANCELLED, job.cancel_reason)
+        elif state is JobState.SUCCEEDED:
+            self._intend(job, tx, index + 1)
         elif state is JobState.FAILED:
             self._end_job(job, tx, JobState.FAILED, f"stage {st.name}: {error}")
         elif state is JobState.CANCELLED:
@@ -533,4 +634,8 @@ class JobStore:
         if state is JobState.FAILED:
             job.error = message
         tx.do(lambda p: p.delete(self._k("cancel", job.job_id)))
+        # An ended job sends nothing more: drop its intents (a cancel racing a dispatch).
+        intents = [self._intent(job.job_id, i) for i in range(len(job.stages))]
+        tx.do(lambda p: p.zrem(self.intents_key, *intents))
+        tx.sends = [s for s in tx.sends if s[0] != job.job_id]
         tx.event("", "state", {"state": state.value, "message": message})

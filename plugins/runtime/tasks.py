@@ -1,15 +1,19 @@
 """The one Celery task of the runtime, ``internlm2.training.run_stage(job_id, index)``, and dispatch.
 
-A job is a chain of these tasks, one per pipeline stage, each sent to its stage's queue. The task is
-thin and idempotent: it claims the stage's lease in the JobStore, then a supervisor launches and
-follows the training process. Whatever copy of a message arrives (first delivery, a redelivery
-after the visibility timeout, a requeue after a lost worker), the lease decides whether it runs:
+A job's stages are sent one message at a time, each to its stage's queue, by the JobStore: stage 0
+when the job is submitted, stage i+1 when stage i succeeds (``finish_stage``), a lost stage again
+when it is requeued. Each send follows a dispatch intent committed with the transition, so a worker
+that dies between the two is covered by the other workers' recovery threads (see ``jobs``). No
+Celery chain: the continuation must be a record in Redis, not a field of an unacked message that
+only comes back after the visibility timeout.
 
-    claim "run"    -> supervise; on success return (the chain sends the next stage)
-    claim "done"   -> the stage already succeeded: return, so a continuation lost with a dead
-                      worker is sent again (duplicates are "busy"/"done" and end here); otherwise
-                      the job ended: Ignore (no continuation)
-    "busy"/"early" -> another live copy owns it / not its turn: Ignore
+The task is thin and idempotent: it claims the stage's lease in the JobStore, then a supervisor
+launches and follows the training process. Whatever copy of a message arrives (first delivery, a
+duplicate send, a redelivery after the visibility timeout, a requeue after a lost worker), the
+lease decides whether it runs:
+
+    claim "run"            -> supervise; finish_stage records the end and sends the next stage
+    "done"/"busy"/"early"  -> the stage ended / another live copy owns it / not its turn: Ignore
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import os
 import socket
 
-from celery import Celery, chain
+from celery import Celery
 from celery.exceptions import Ignore
 
 from .records import JobState
@@ -26,6 +30,10 @@ from .records import JobState
 logger = logging.getLogger(__name__)
 
 TASK_NAME = "internlm2.training.run_stage"
+# RuntimeSettings.failpoint value for the crash tests: the worker process exits (os._exit) where it
+# would send a message, i.e. right after finish_stage committed a stage's success.
+EXIT_BEFORE_DISPATCH = "exit_before_dispatch"
+FAILPOINT_EXIT_CODE = 70
 
 
 def register(app: Celery) -> None:
@@ -37,8 +45,7 @@ def register(app: Celery) -> None:
         from .supervisor import supervise
 
         settings = settings_of(self.app)
-        store = JobStore(self.app.conf.internlm2_redis_url,
-                         dispatcher=lambda j, i: dispatch(self.app, j, i))
+        store = JobStore(self.app.conf.internlm2_redis_url, dispatcher=_dispatcher(self.app, settings.failpoint))
         worker = f"{self.request.hostname or socket.gethostname()}/{os.getpid()}"
         claim = store.claim_stage(job_id, index, worker, settings.lease_ttl_s, settings.max_attempts)
         logger.info("job %s stage %d: claim %s (attempt %d)", job_id, index, claim.outcome, claim.attempt)
@@ -46,28 +53,31 @@ def register(app: Celery) -> None:
             state = supervise(store, job_id, index, claim, settings)
             if state is JobState.SUCCEEDED:
                 return {"job_id": job_id, "index": index, "state": state.value}
-            raise Ignore()  # FAILED / CANCELLED / lease lost: the record says so; stop the chain
-        if claim.outcome == "done" and claim.continue_chain:
-            return {"job_id": job_id, "index": index, "state": "SUCCEEDED"}
-        raise Ignore()
+        raise Ignore()  # not run here, or FAILED / CANCELLED / lease lost: the record says so
 
 
-def dispatch(app: Celery, job_id: str, start_index: int) -> None:
-    """Send stages ``start_index..`` of the job as a chain of immutable signatures."""
+def _dispatcher(app: Celery, failpoint: str):
+    if failpoint == EXIT_BEFORE_DISPATCH:
+        def die(job_id: str, index: int) -> None:
+            logger.warning("failpoint %s: exiting instead of sending job %s stage %d", failpoint, job_id, index)
+            logging.shutdown()
+            os._exit(FAILPOINT_EXIT_CODE)
+
+        return die
+    return lambda job_id, index: dispatch(app, job_id, index)
+
+
+def dispatch(app: Celery, job_id: str, index: int) -> None:
+    """Send one ``run_stage(job_id, index)`` message to the stage's queue."""
     from .jobs import JobStore
 
     job = JobStore(app.conf.internlm2_redis_url, dispatcher=lambda *_: None).get(job_id)
-    sigs = [
-        app.signature(TASK_NAME, args=(job_id, i), immutable=True, queue=job.stages[i].queue)
-        for i in range(start_index, len(job.stages))
-    ]
-    if sigs:
-        chain(*sigs).apply_async()
+    app.send_task(TASK_NAME, args=(job_id, index), queue=job.stages[index].queue)
 
 
 def dispatcher_for(redis_url: str):
-    """``(job_id, start_index) -> None`` sending chains through this process's app for ``redis_url``."""
+    """``(job_id, index) -> None`` sending through this process's app for ``redis_url``."""
     from .celery_app import app_for
 
     app = app_for(redis_url)
-    return lambda job_id, start_index: dispatch(app, job_id, start_index)
+    return lambda job_id, index: dispatch(app, job_id, index)

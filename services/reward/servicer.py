@@ -68,12 +68,25 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 violation = error.violations[0]
                 raise ServiceError.invalid_argument(candidate.locate(violation.field), violation.description) from None
             if self.max_len is not None and len(ids) > self.max_len:
+                self._check_condition_fits(condition)
                 raise ServiceError.invalid_argument(
                     candidate.path,
                     f"{len(ids)} tokens (reward token included) exceed the model's context of {self.max_len}",
                 )
             sequences.append(ids)
         return sequences
+
+    def _check_condition_fits(self, condition: str | None) -> None:
+        """On an overflow: blame ``condition`` when it alone (as the system message, plus the reward
+        token) already fills the context, since no conversation could fit after it."""
+        if not condition:
+            return
+        length = len(self.scorer.encode([], condition))
+        if length >= self.max_len:
+            raise ServiceError.invalid_argument(
+                "condition",
+                f"{length} tokens (reward token included) leave no room in the model's context of {self.max_len}",
+            )
 
     async def _score(self, conversations: list[Candidate], condition: str | None):
         sequences = self._encode(conversations, condition)

@@ -20,6 +20,22 @@ def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
     return _integral(json_format.MessageToDict(value))
 
 
+def non_finite_path(value: struct_pb2.Struct | struct_pb2.ListValue, path: str) -> str | None:
+    """Path of the first NaN or infinite number in a Struct (JSON has no such numbers, so
+    ``struct_to_dict`` cannot convert it), or None."""
+    items = value.fields.items() if isinstance(value, struct_pb2.Struct) else enumerate(value.values)
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+        kind = item.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(item.number_value):
+            return where
+        if kind in ("struct_value", "list_value"):
+            found = non_finite_path(getattr(item, kind), where)
+            if found:
+                return found
+    return None
+
+
 def _integral(value):
     if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
         return int(value)

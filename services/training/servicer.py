@@ -18,7 +18,14 @@ from internlm2.v1 import training_pb2, training_pb2_grpc
 
 from ..common.app import Service
 from ..common.errors import ServiceError, Violation
-from .convert import dict_to_struct, event_to_proto, job_to_proto, state_from_proto, struct_to_dict
+from .convert import (
+    dict_to_struct,
+    event_to_proto,
+    job_to_proto,
+    non_finite_path,
+    state_from_proto,
+    struct_to_dict,
+)
 
 log = logging.getLogger("internlm2.services.training")
 
@@ -79,7 +86,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if not request.stages:
             raise ServiceError.invalid_argument("stages", "a job needs at least one stage")
         pipeline = []
-        for spec in request.stages:
+        for i, spec in enumerate(request.stages):
+            bad = non_finite_path(spec.config, f"stages[{i}].config")
+            if bad:
+                raise ServiceError.invalid_argument(bad, "must be a finite number (JSON has no NaN or Infinity)")
             item = {"stage": spec.stage, "config": struct_to_dict(spec.config)}
             if spec.name:
                 item["name"] = spec.name
