@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one script, for a session lent a GPU machine (device tool):
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=540)
+# Every GPU check and benchmark in one script, for a session lent a GPU machine (device tool). First, here:
+#   bash benchmarks/gpu_wheels.sh            # pydantic + DeepSpeed wheels into .whl/ (the GPU image lacks them)
+# then through the device tool:
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=540)
 # It installs what the GPU machine lacks into /tmp/site (wheels carried in .whl/ when pip has no network),
 # runs the CUDA tests, then the benchmarks, each under its own time limit, and leaves the outputs in $OUT
 # (or ./gpu-results) for benchmarks/RESULTS.md. The baseline (HF transformers on the same random weights)
@@ -40,5 +42,5 @@ run cuda-tests 150 python3 -m pytest -q -x -k "cuda or triton" tests/test_kernel
 run kernels 90 python3 benchmarks/bench_kernels.py
 run prefill 60 python3 benchmarks/bench_model.py --seq 2048
 run engine 200 python3 benchmarks/bench_engine.py --json "$OUT/engine.json"
-run training 120 python3 benchmarks/bench_training.py
+run training 150 python3 benchmarks/bench_training.py --deepspeed
 echo "done; outputs in $OUT"

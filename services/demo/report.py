@@ -34,14 +34,14 @@ def plot_curves(curves: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = list(dict.fromkeys(c["stage"] for c in curves if c.get("step") is not None))
+    keys = ("loss", "reward", "mean_reward", "accuracy", "margin")
+    stages = list(dict.fromkeys(c["stage"] for c in curves if c.get("step") is not None and any(k in c for k in keys)))
     if not stages:
         return
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         points = [c for c in curves if c["stage"] == stage and c.get("step") is not None]
-        keys = [k for k in ("loss", "reward", "mean_reward", "accuracy", "margin") if any(k in p for p in points)]
-        for key in keys or ["loss"]:
+        for key in [k for k in keys if any(k in p for p in points)]:
             xs = [p["step"] for p in points if key in p]
             ys = [p[key] for p in points if key in p]
             if xs:

@@ -180,6 +180,7 @@ def run(args: Namespace) -> int:
             "stage_metrics": {name: dict(s.metrics) for name, s in stages.items()},
             "checkpoints": {k: str(v) for k, v in checkpoints.items()},
             "eval_artifacts": [a.uri for a in stages["eval"].artifacts] if "eval" in stages else [],
+            "curves": curves,
         }
         (out / "report.json").write_text(json.dumps(report, indent=2))
         plot_curves(curves, out / "curves.png")
