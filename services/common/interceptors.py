@@ -119,6 +119,9 @@ class RequestIdInterceptor(CallInterceptor):
             request_context.request_id_from_metadata(context.invocation_metadata()) or request_context.new_request_id()
         )
         token = request_context.set_request_id(request_id)
+        # Read the peer now: after the call ends (a cancelled stream finalised later) grpc.aio's
+        # context.peer() reads the freed C-core call and can crash the process (seen in CI).
+        peer = context.peer()
         start = time.monotonic()
         error: BaseException | None = None
         try:
@@ -143,7 +146,7 @@ class RequestIdInterceptor(CallInterceptor):
                         "method": method,
                         "code": code.name,
                         "duration_ms": round(elapsed * 1000, 2),
-                        "peer": context.peer(),
+                        "peer": peer,
                     }
                 },
             )
