@@ -351,8 +351,8 @@ def rollout_runs(cfg: InternLM2Config, args, device: torch.device, dtype: torch.
                                seed=None if seed0 is None else seed0 + i) for i in range(len(prompts))]
 
     rollouts.generate(prompts[:4], params(4, 0)[:4])  # warm up
-    # Seeded as the PPO stage seeds its rollouts (each request draws from its own generator), then with
-    # the engine's one generator: the difference is the cost of per-request sampling noise.
+    # Seeded as the PPO stage seeds its rollouts, then unseeded. Both draw counter-based noise for the whole
+    # batch in one pass (core/engine/sampler.py), so the two rows should agree; a gap means a regression.
     def engine_generate(seed0: int | None) -> float:
         sync(device)
         start = time.perf_counter()
@@ -505,7 +505,7 @@ def report(r: dict, args) -> None:
         if "hf_tok_s" in x:
             print(f"| HF generate (sampling) | {f(x['hf_tok_s'])} | {f(x['hf_s'], '.2f')} | 1.00 |")
         for key, name in (("engine", "RolloutEngine, per-request seeds (as the PPO stage)"),
-                          ("engine_unseeded", "RolloutEngine, engine-wide generator")):
+                          ("engine_unseeded", "RolloutEngine, unseeded")):
             print(f"| {name} | {f(x[key + '_tok_s'])} | {f(x[key + '_s'], '.2f')} | "
                   f"{f(x.get(key + '_speedup'), '.2f')} |")
 

@@ -23,7 +23,8 @@ recompute-after-preemption are the same move, so the policies plug in as collabo
     triton_decode  the paged flash-decoding kernel (split-K, GQA heads per program)
     runner         input building, forward, CUDA graphs for decode batch sizes, prompt logprobs
     sampler        penalties, min-tokens stop masking, temperature/top-k/top-p/min-p, per-request seeds
-                   (exponential race with a per-request torch.Generator), logprobs with alternatives
+                   (exponential race on counter-based noise hash(key, step, v): one vectorised int64 draw
+                   per batch, batch- and preemption-invariant), logprobs with alternatives
     output_processor  text: incremental detokenization, stop strings across tokens with hold-back
     request        per-request state and token-level stopping; outputs / params / errors: the API types
     engine         LLMEngine (synchronous core)

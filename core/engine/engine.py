@@ -24,7 +24,7 @@ from .outputs import CANCELLED, ERROR, EngineStats, RequestOutput
 from .params import EngineConfig, SamplingParams
 from .request import Request
 from .runner import ModelRunner
-from .sampler import Sampler
+from .sampler import Sampler, engine_noise_key, noise_key
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(mc, num_blocks, config.block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device)
         self.runner = ModelRunner(model, self.kv_cache, config, self.max_model_len, self.sampler)
         self.output_processor = OutputProcessor(tokenizer)
         if tokenizer is not None:
@@ -63,6 +63,7 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # final outputs of requests ended between steps
         self._times = {"schedule": 0.0, "execute": 0.0, "update": 0.0}
         self._num_steps = 0
+        self._num_unseeded = 0  # requests added without a seed: the index of their noise key
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_graphs(config.graph_batch_sizes())
 
@@ -120,10 +121,12 @@ class LLMEngine:
         prompt = self.validate_request(request_id, prompt_token_ids, params)
         if request_id in self.scheduler.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        req = Request(request_id, prompt, params, self.eos_token_ids, generator)
+        if params.seed is not None:
+            key = noise_key(params.seed)
+        else:  # the engine's own stream: reproducible given config.seed and arrival order
+            key = engine_noise_key(self.config.seed, self._num_unseeded)
+            self._num_unseeded += 1
+        req = Request(request_id, prompt, params, self.eos_token_ids, key)
         self.scheduler.add_request(req)  # may raise EngineOverloadedError
         self.output_processor.add(req)
 

@@ -143,7 +143,7 @@ class EngineConfig:
 
     Beyond the shared interface: ``enforce_eager`` turns off CUDA graphs; ``cuda_graph_batch_sizes``
     chooses the captured decode batch sizes (default 1, 2, 4, 8, then steps of 8 up to max_num_seqs);
-    ``seed`` seeds the engine's generator for requests without their own seed.
+    ``seed`` keys the sampling noise of requests without their own seed (with their arrival index).
     """
 
     max_num_seqs: int = 64

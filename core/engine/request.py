@@ -15,8 +15,6 @@ from __future__ import annotations
 import enum
 import time
 
-import torch
-
 from .outputs import EOS, LENGTH, STOP, RequestMetrics, TokenLogprob
 from .params import SamplingParams
 
@@ -41,10 +39,10 @@ class Request:
         "finish_reason",
         "first_scheduled",
         "first_token",
-        "generator",
         "inter_token_latencies",
         "last_token",
         "new_logprobs",
+        "noise_key",
         "num_cached_blocks",
         "num_cached_tokens",
         "num_computed_tokens",
@@ -66,7 +64,7 @@ class Request:
         prompt_token_ids: list[int],
         params: SamplingParams,
         eos_token_ids: frozenset[int],
-        generator: torch.Generator | None = None,
+        noise_key: int = 0,
     ):
         self.request_id = request_id
         self.params = params
@@ -85,7 +83,9 @@ class Request:
         self.error: str | None = None
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
         self.stop_token_ids = frozenset(params.stop_token_ids or ())
-        self.generator = generator
+        # int64 key of the request's sampling noise (sampler.noise_key / engine_noise_key): with the output
+        # count it fixes every draw, so the tokens do not depend on the batch or on preemption.
+        self.noise_key = noise_key
         self.new_logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs is not None else None
         self.num_reported_tokens = 0  # output tokens already handed out in a RequestOutput

@@ -4,14 +4,32 @@
                        -> penalties (repetition over prompt+output, presence/frequency over output)
                        -> stop ids masked while min_new_tokens is unmet
                        -> greedy rows: argmax | other rows: / temperature -> top-k -> top-p -> min-p
-                          -> sample by the exponential race argmax(p / E), E ~ Exp(1)
-                             (seeded requests draw E from their own torch.Generator)
+                          -> sample by the exponential race argmax(p / E), E = -log u
+                             u[b, v] = hash(noise_key_b, step_b, v): counter-based, one draw per batch
 
 Every per-row option is a tensor op over the batch; the work for an option is skipped when no row uses
-it, so the common all-greedy or plain-temperature batch is a handful of kernels. The exponential race
-samples exactly from p and lets each seeded row draw its noise independently of its batch-mates, so a
-seed gives the same tokens alone or in any batch. One host transfer at the end (the sampled ids, and
-the logprobs when asked for).
+it, so the common all-greedy or plain-temperature batch is a handful of kernels. One host transfer at the
+end (the sampled ids, and the logprobs when asked for).
+
+Sampling noise is counter-based, not drawn from a generator: the uniform for request ``b``, vocabulary
+index ``v`` at its ``step_b``-th output token is a pure function of (its noise key, step_b, v). So a
+request's tokens depend only on its own key, prompt and sampling params: the same alone or in any batch,
+after preemption and recompute, whatever ran before (a generator's output depends on how many draws
+preceded it). The whole batch's noise is one vectorised int64 computation, no per-request kernels.
+
+The hash is SplitMix64 (Steele, Lea & Flood 2014; Vigna's ``splitmix64.c``), the generator
+``java.util.SplittableRandom`` uses: a Weyl sequence ``key + i * GAMMA`` through the Stafford "Mix13"
+finaliser, which passes BigCrush. Here it runs twice: once over steps (per row, ``[S]``) to derive the
+row's stream start, then over pairs of vocabulary indices (``[S, V/2]``, 23 bits from each half of the
+64-bit output). Eager torch, about ten passes over ``[S, V/2]`` int64; torch int64 arithmetic wraps mod 2**64
+like uint64 and XOR is bitwise, so only the right shifts need care: they are arithmetic on negative
+values, so each one is masked to the bits a logical shift keeps.
+
+Keys (``noise_key`` / ``engine_noise_key``, computed once per request in Python): a request's own
+``seed`` maps to Mix13(2 seed + c), the engine's unseeded requests to Mix13(2 (Mix13(engine seed) + n) + 1
++ c) for the engine's n-th request; Mix13 is a bijection, so user seeds and engine streams never share a
+key. Unseeded requests go through the same path (one code path, and they too are batch invariant); they
+are reproducible given the engine seed and arrival order, as the former engine-wide generator was.
 """
 
 from __future__ import annotations
@@ -20,6 +38,81 @@ import torch
 
 from .outputs import TokenLogprob
 from .request import Request
+
+_M64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's Weyl increment (2**64 / golden ratio, odd): over vocab indices
+_GAMMA_STEP = 0xD1B54A32D192ED03  # another odd increment (a Weyl constant of Steele & Vigna): over steps
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # Stafford Mix13 multipliers
+_KEY_OFFSET = 0x2545F4914F6CDD1D  # keeps seed 0 off Mix13's fixed point 0
+
+
+def _signed(x: int) -> int:
+    """uint64 bit pattern -> the int64 with the same bits (what an int64 tensor holds)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def mix64(z: int) -> int:
+    """Stafford Mix13 of a uint64, in Python ints: the reference for ``mix64_``."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
+
+
+def noise_key(seed: int) -> int:
+    """The int64 noise key of a request with ``SamplingParams.seed`` (an int in [0, 2**63))."""
+    return _signed(mix64(2 * seed + _KEY_OFFSET))
+
+
+def engine_noise_key(engine_seed: int, index: int) -> int:
+    """The int64 noise key of the engine's ``index``-th request without a seed (odd pre-image: never a
+    user seed's key)."""
+    return _signed(mix64(2 * ((mix64(engine_seed) + index) % (1 << 63)) + 1 + _KEY_OFFSET))
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (``>>`` sign-extends; the mask drops the copied sign)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64_(x: torch.Tensor) -> torch.Tensor:
+    """Stafford Mix13 of int64 tensor ``x`` as uint64 bit patterns, in place (wrapping multiplies)."""
+    x ^= _shr(x, 30)
+    x *= _signed(_MIX1)
+    x ^= _shr(x, 27)
+    x *= _signed(_MIX2)
+    x ^= _shr(x, 31)
+    return x
+
+
+def counter_uniform(keys: torch.Tensor, steps: torch.Tensor, vocab: int,
+                    offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """keys, steps (S,) int64 -> u (S, vocab) fp32, u[b, v] = hash(keys[b], steps[b], v), uniform on (0, 1).
+
+    One 64-bit hash serves the pair of indices (2i, 2i + 1): its bits 41..63 make u[2i], its bits 9..31
+    u[2i + 1] (disjoint bits of one SplitMix64 output), which halves the int64 work, the bulk of the cost.
+    u takes the 2**23 values (2j + 1) / 2**24: never 0 or 1, so E = -log u is finite and positive and a
+    masked (p = 0) token never wins the race. ``offsets`` is ``arange((vocab + 1) // 2) * GAMMA`` (int64),
+    for a caller that caches it.
+    """
+    half = (vocab + 1) // 2
+    if offsets is None:
+        offsets = torch.arange(half, dtype=torch.int64, device=keys.device) * _signed(_GAMMA)
+    base = mix64_(keys + steps * _signed(_GAMMA_STEP))  # (S,) the row's stream start for this step
+    x = mix64_(base[:, None] + offsets[None, :])  # (S, half) 64 random bits per pair of indices
+    # j * 2**-23 + 2**-24 with j < 2**23 is exact in fp32. (x >> 41) is signed, in [-2**22, 2**22).
+    even = (x >> 41).mul(2.0**-23).add_(0.5 + 2.0**-24)
+    odd = ((x >> 9) & ((1 << 23) - 1)).mul(2.0**-23).add_(2.0**-24)  # the mask drops any sign bits
+    return torch.stack((even, odd), dim=-1).view(-1, 2 * half)[:, :vocab]
+
+
+def exponential_race(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs (S, V) (rows may be unnormalised, zeros never win), uniform (S, V) on (0, 1) -> ids (S,).
+
+    argmax_v p_v / E_v with E_v = -log u_v ~ Exp(1) independent picks v with probability p_v / sum(p).
+    Computed as argmin p_v / log u_v (log u < 0), one pass fewer; ``uniform`` is overwritten.
+    """
+    return (probs / uniform.log_()).argmin(dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprob]:
@@ -64,9 +157,18 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    """Samples one token per row. Stateless but for a cache: the noise comes from each request's
+    ``noise_key`` and output count, so nothing here depends on what was sampled before."""
+
+    def __init__(self, device: torch.device):
         self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._offsets: torch.Tensor | None = None  # int64 arange((V + 1) // 2) * GAMMA for counter_uniform
+
+    def _vocab_offsets(self, vocab: int, device: torch.device) -> torch.Tensor:
+        half = (vocab + 1) // 2
+        if self._offsets is None or self._offsets.shape[0] != half or self._offsets.device != device:
+            self._offsets = torch.arange(half, dtype=torch.int64, device=device) * _signed(_GAMMA)
+        return self._offsets
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits (S, V) fp32, one row per request -> (token ids, logprobs or None per request)."""
@@ -116,12 +218,13 @@ class Sampler:
         if any(p.min_p > 0.0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = torch.empty_like(probs)
-        noise.exponential_(generator=self.generator)
-        for i, r in enumerate(requests):
-            if r.generator is not None and not greedy[i]:
-                noise[i].exponential_(generator=r.generator)
-        tokens = (probs / noise).argmax(dim=-1)
+        # One (S, 2) int64 transfer; the step is the index of the output token being sampled, so a
+        # recompute after preemption replays the same noise.
+        counters = torch.tensor([(r.noise_key, r.num_output_tokens) for r in requests], dtype=torch.int64,
+                                device=device)
+        uniform = counter_uniform(counters[:, 0], counters[:, 1], probs.shape[1],
+                                  self._vocab_offsets(probs.shape[1], device))
+        tokens = exponential_race(probs, uniform)
         if argmax is not None:
             tokens = torch.where(torch.tensor(greedy, device=device), argmax, tokens)
         return tokens
