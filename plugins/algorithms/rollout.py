@@ -3,12 +3,10 @@
 The engine holds a reference to the actor module, so generation samples from the weights of the
 latest optimizer step. Its prefix cache, though, keeps KV blocks computed with the weights of the time
 they were filled: a rollout after an update that hit those blocks would condition on stale keys and
-values. The engine offers no prefix-cache reset, so :class:`RolloutEngine` has two safe modes:
-
-    fresh_engine_per_batch=False  one LLMEngine for the whole run, prefix caching OFF (default: the pool
-                                  and, on CUDA, the decode graphs are built once)
-    fresh_engine_per_batch=True   a new LLMEngine per rollout batch, prefix caching ON — the samples of
-                                  one prompt share its blocks; nothing survives into the next batch
+values. So :class:`RolloutEngine` keeps ONE engine for the whole run (the KV pool and, on CUDA, the decode
+graphs are built once) with prefix caching ON — the samples of a prompt share its blocks within a batch —
+and drops every cached prefix (``LLMEngine.reset_prefix_cache``) before each batch, when the weights
+may have changed since the last one (tests/test_rollout.py).
 """
 
 from __future__ import annotations
@@ -33,21 +31,20 @@ class RolloutEngine:
     """Samples responses from a model (the actor's live module) with the shared ``LLMEngine``."""
 
     def __init__(self, model, tokenizer, max_model_len: int, kv_cache_bytes: int | None = None,
-                 max_num_seqs: int = 64, block_size: int = 16, fresh_engine_per_batch: bool = False):
+                 max_num_seqs: int = 64, block_size: int = 16):
         from internlm2.core.engine import EngineConfig
 
         self.model = model
         self.tokenizer = tokenizer
-        self.fresh_engine_per_batch = fresh_engine_per_batch
         self.config = EngineConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(2048, max_model_len, max_num_seqs),
             block_size=block_size,
             kv_cache_bytes=kv_cache_bytes,
-            enable_prefix_caching=fresh_engine_per_batch,
+            enable_prefix_caching=True,
             max_model_len=max_model_len,
         )
-        self._engine = None if fresh_engine_per_batch else self._build()
+        self._engine = self._build()
 
     def _build(self):
         from internlm2.core.engine import LLMEngine
@@ -61,8 +58,8 @@ class RolloutEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params) -> list[Rollout]:
         """One response per prompt (repeat a prompt to sample it several times), in prompt order.
         ``params``: one SamplingParams for all, or one per prompt."""
-        engine = self._build() if self.fresh_engine_per_batch else self._engine
-        outputs = engine.generate([list(p) for p in prompts], params)
+        self._engine.reset_prefix_cache()  # KV cached before the last optimizer step is stale
+        outputs = self._engine.generate([list(p) for p in prompts], params)
         rollouts = []
         for prompt, out in zip(prompts, outputs):
             if out.error:

@@ -17,11 +17,9 @@ unstable. ``max_steps`` iterations are split into ``rounds``; between rounds the
 from the next ``reward_updates`` preference set (the report's fast path: 20-100 targeted pairs per
 round against the reward hacks seen), with the reward-model loss, then frozen again.
 
-Rollouts (``algorithms.rollout``): by default ONE engine for the whole stage, built on the DeepSpeed actor
-module (ZeRO <= 2 keeps its full weights in place, so every rollout samples from the latest step), with
-prefix caching OFF — the engine has no prefix-cache reset, and a block cached before an optimizer step
-would feed stale keys/values to the next rollout. ``fresh_engine_per_batch`` builds a new engine per
-iteration instead (prefix caching on within the batch).
+Rollouts (``algorithms.rollout``): ONE engine for the whole stage, built on the DeepSpeed actor module
+(ZeRO <= 2 keeps its full weights in place, so every rollout samples from the latest step), prefix caching
+on within a batch and reset before the next (a block cached before an optimizer step is stale).
 Memory: actor + critic under DeepSpeed (ZeRO-1/2, optimizer offload optional); reference and RM
 frozen in the training dtype on the same device; the KV pool from ``rollout_kv_cache_mb`` (default: one
 batch of full-length sequences), never a fraction of free memory that training still needs.
@@ -102,8 +100,6 @@ class PPOConfig(TrainingConfig):
     max_prompt_length: int = Field(1024, ge=1, description="Longer prompts are skipped.")
     rollout_kv_cache_mb: int | None = Field(None, ge=1, description="KV pool of the rollout engine; default: "
                                             "enough for the batch's full-length sequences.")
-    fresh_engine_per_batch: bool = Field(False, description="Build the rollout engine per iteration with prefix "
-                                         "caching on (else one engine, prefix caching off; see the module doc).")
     reward_updates: list[str] = Field(default_factory=list, description="Preference sets patching the reward "
                                       "model after round 1, 2, ... (fast path); fewer than rounds-1 is fine.")
     reward_update_steps: int = Field(20, ge=1, description="Reward-model optimizer steps per update.")
@@ -218,7 +214,7 @@ class PPORun:
         kv = (cfg.rollout_kv_cache_mb * 2**20 if cfg.rollout_kv_cache_mb
               else kv_cache_bytes(self.actor.config, num_seqs, max_len, self.actor.dtype))
         return RolloutEngine(self.actor, self.tokenizer, max_model_len=max_len, kv_cache_bytes=kv,
-                             max_num_seqs=min(num_seqs, 256), fresh_engine_per_batch=cfg.fresh_engine_per_batch)
+                             max_num_seqs=min(num_seqs, 256))
 
     def iterations_per_round(self) -> int:
         return math.ceil(self.cfg.max_steps / self.cfg.rounds)
