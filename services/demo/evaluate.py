@@ -61,24 +61,25 @@ class StageServer:
             process.wait()
 
 
-def evaluate_policy(address: str, tokenizer_address: str, rewards, questions: list[Question],
-                    condition: str) -> dict:
+def evaluate_policy(address: str, rewards, questions: list[Question], condition: str) -> dict:
     """Greedy answers to every question (sent concurrently: the engine batches them), their exact and
     per-digit accuracy, their mean reward under the judge, and the perplexity of the reference answers."""
-    from internlm2_client import InferenceClient, TokenizerClient
+    from internlm2_client import InferenceClient
 
-    with InferenceClient(address, timeout=120) as client, TokenizerClient(tokenizer_address) as tokenizer:
+    with InferenceClient(address, timeout=120) as client:
         def answer(q: Question):
             return client.generate(messages=q.messages(), temperature=0.0, max_new_tokens=16)
 
         def answer_nll(q: Question) -> tuple[float, int]:
             """Summed -log p of the reference answer and its <|im_end|>, given the question; token count."""
-            prefix = tokenizer.apply_chat_template(q.messages(), add_generation_prompt=True).token_ids
+            # The question's length in the served model's own tokens (a --model checkpoint has its own
+            # tokenizer): the prompt the server builds for the question with the generation prompt.
+            prefix = client.generate(messages=q.messages(), max_new_tokens=1, temperature=0.0).usage.prompt_tokens
             result = client.generate(messages=q.messages(q.answer), add_generation_prompt=False,
                                      max_new_tokens=1, prompt_logprobs=0, temperature=0.0)
             # The template closes the turn with "<|im_end|>\n"; the "\n" after the end of turn is not the
             # answer (SFT never trains on it), so the answer is its text plus <|im_end|>.
-            answer_logprobs = [t.logprob for t in result.prompt_logprobs[len(prefix) : -1]]
+            answer_logprobs = [t.logprob for t in result.prompt_logprobs[prefix:-1]]
             return -sum(answer_logprobs), len(answer_logprobs)
 
         with ThreadPoolExecutor(max_workers=8) as pool:

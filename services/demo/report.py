@@ -9,6 +9,12 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _cell(text: str, limit: int = 24) -> str:
+    """One table cell: no newlines or pipes (they would break the markdown row), at most ``limit`` chars."""
+    text = text.replace("\n", "⏎").replace("|", "¦").replace("`", "'")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def render_table(rows: list[dict]) -> str:
     lines = [
         "| stage | train loss | task accuracy (digits) | mean reward | answer perplexity | sample answers |",
@@ -19,7 +25,7 @@ def render_table(rows: list[dict]) -> str:
             lines.append(f"| {row['stage']} | {_fmt(row.get('loss'), '.3f')} | held-out pairs ranked right: "
                          f"{row['pairwise_accuracy']:.0%} | – | – | – |")
             continue
-        samples = "; ".join(f"`{s['question'].removeprefix('Sort the digits: ')}` → `{s['answer'] or '∅'}`"
+        samples = "; ".join(f"`{s['question'].removeprefix('Sort the digits: ')}` → `{_cell(s['answer']) or '∅'}`"
                             for s in row["samples"][:2])
         lines.append(f"| {row['stage']} | {_fmt(row.get('loss'), '.3f')} | {row['accuracy']:.0%} "
                      f"({row['digit_accuracy']:.0%}) | "

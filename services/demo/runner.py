@@ -158,8 +158,7 @@ def run(args: Namespace) -> int:
         for name, path in policies:
             server = StageServer.start("inference", path, stack.work_dir / "logs", stack.host)
             servers.append(server)
-            result = evaluate_policy(server.address, endpoints["tokenizer"]["address"], rewards, data.heldout,
-                                     CONDITION)
+            result = evaluate_policy(server.address, rewards, data.heldout, CONDITION)
             server.stop()
             metrics = stages[name].metrics if name in stages else {}
             # PPO has no single "loss": its row shows the actor's (policy + ptx) loss.
