@@ -76,7 +76,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                            shuffle_seed=cfg.seed if cfg.shuffle else None)
     result = run_deepspeed_training(ctx, model, batches, packed_lm_loss, cfg, save_final=False)
 
-    summary = {**result.final_metrics, "initial_loss": result.history[0]["loss"] if result.history else float("nan")}
+    summary = {**result.final_metrics, "initial_loss": result.initial_loss}
     lengths = [n for n in cfg.needle_lengths if n <= cfg.context_length]
     if lengths:  # every rank sweeps (under ZeRO-3 all must join the parameter gathers); rank 0 writes
         filler = DEFAULT_FILLER

@@ -56,8 +56,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.log(f"{len(dataset)} rows of {cfg.seq_len} tokens from {dataset.meta['num_docs']} documents")
     result = run_deepspeed_training(ctx, model, batches, packed_lm_loss, cfg,
                                     tokenizer=load_tokenizer(model_path))
-    first = result.history[0]["loss"] if result.history else float("nan")
-    return {"loss": result.final_metrics.get("loss", float("nan")), "initial_loss": first}
+    return {"loss": result.final_metrics.get("loss", float("nan")), "initial_loss": result.initial_loss}
 
 
 STAGE = Stage(

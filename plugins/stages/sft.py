@@ -114,8 +114,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                            shuffle_seed=cfg.seed if cfg.shuffle else None)
     result = run_deepspeed_training(ctx, model, batches, sft_loss(cfg.alignment_weight, cfg.alignment_divergence),
                                     cfg, tokenizer=tok)
-    first = result.history[0]["loss"] if result.history else float("nan")
-    return {"loss": result.final_metrics.get("loss", float("nan")), "initial_loss": first}
+    return {"loss": result.final_metrics.get("loss", float("nan")), "initial_loss": result.initial_loss}
 
 
 STAGE = Stage(

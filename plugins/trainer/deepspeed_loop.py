@@ -52,6 +52,11 @@ class TrainResult:
     checkpoint: Path | None = None  # the final checkpoint folder (None when not saved)
     resumed_from: int = 0  # the step training restarted at (0 = from scratch)
 
+    @property
+    def initial_loss(self) -> float:
+        """The loss of the first logged step (NaN when nothing was logged)."""
+        return self.history[0]["loss"] if self.history else float("nan")
+
 
 def _deepspeed():
     if not torch.cuda.is_available():
