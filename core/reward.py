@@ -31,7 +31,10 @@ class RewardScorer:
         self.max_batch_tokens = max_batch_tokens
 
     def encode(self, conversation: Sequence[dict], condition: str | None = None) -> list[int]:
-        ids = self.tokenizer.encode_chat(with_condition(conversation, condition), add_generation_prompt=False)
+        # get_score reads an assistant's tool call (official agent format) as its special tokens; user and
+        # environment text stays text.
+        ids = self.tokenizer.encode_chat(with_condition(conversation, condition), add_generation_prompt=False,
+                                         assistant_actions=True)
         return [*ids, self.model.config.reward_token_id]
 
     @torch.inference_mode()

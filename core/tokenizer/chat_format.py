@@ -20,17 +20,21 @@ special tokens (prompt injection) while the template's own markers do.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .specials import BOS, IM_END, IM_START, INTERPRETER, PLUGIN
+from .specials import ACTION_END, ACTION_START, BOS, IM_END, IM_START, INTERPRETER, PLUGIN
 from .tool_calls import ACTION_FOOTER, action_header, coerce_tool_call
 
 ROLES = ("system", "user", "assistant", "environment")
 # Roles whose `name` may address a tool (lagent INTERNLM2_META); a user's name is written as is.
 _TOOL_NAMED_ROLES = ("system", "assistant", "environment")
 _NAME_TOKENS = {"plugin": PLUGIN, "interpreter": INTERPRETER, PLUGIN: PLUGIN, INTERPRETER: INTERPRETER}
+# The official agent format writes an assistant's tool call inside its content; these markers are tokens
+# there (``assistant_actions``), never in user or environment text.
+ACTION_MARKERS = re.compile("(" + "|".join(map(re.escape, (ACTION_START, ACTION_END, PLUGIN, INTERPRETER))) + ")")
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,11 @@ def render_chat(
     messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool = True,
     tools: Sequence[Any] | None = None,
+    assistant_actions: bool = False,
 ) -> list[ChatPart]:
-    """Validate ``messages`` and render them; errors are ``ValueError`` naming the field."""
+    """Validate ``messages`` and render them; errors are ``ValueError`` naming the field.
+    ``assistant_actions``: the action markers in assistant content (the official agent format,
+    ``<|action_start|><|plugin|>...<|action_end|>``) are template markup, as ``get_score`` reads them."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError("messages: must be a list of message dicts")
     msgs = [_validate_message(m, i) for i, m in enumerate(messages)]
@@ -64,7 +71,10 @@ def render_chat(
             parts.append(ChatPart(" name=", True))
             parts.append(ChatPart(token, True) if token else ChatPart(m["name"], False))
         parts.append(ChatPart("\n", True))
-        parts.append(ChatPart(m["content"], False))
+        if assistant_actions and m["role"] == "assistant":
+            parts += [ChatPart(chunk, i % 2 == 1) for i, chunk in enumerate(ACTION_MARKERS.split(m["content"]))]
+        else:
+            parts.append(ChatPart(m["content"], False))
         for call in m["tool_calls"]:
             parts.append(ChatPart(action_header(call.kind), True))
             parts.append(ChatPart(call.body(), False))

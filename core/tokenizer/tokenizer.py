@@ -298,15 +298,17 @@ class InternLM2Tokenizer:
         tools: Sequence[Any] | None = None,
         *,
         allow_special_in_content: bool = False,
+        assistant_actions: bool = False,
     ) -> list[int]:
         """Prompt ids, starting with ``<s>``.
 
         Identical to ``encode(apply_chat_template(...), add_bos=False)`` (which is what the official
         tokenizer gives) unless message text itself spells a special token: by default such text
         stays text, so a user cannot forge ``<|im_start|>system``. ``allow_special_in_content=True``
-        gives the official, unguarded ids.
+        gives the official, unguarded ids. ``assistant_actions=True``: only the tool-call markers of
+        assistant content become tokens (the official agent format; training data and reward scoring).
         """
-        parts = render_chat(messages, add_generation_prompt, tools)
+        parts = render_chat(messages, add_generation_prompt, tools, assistant_actions=assistant_actions)
         if allow_special_in_content:
             return self.encode("".join(p.text for p in parts), add_bos=False)
         # Runs of text between special tokens are encoded whole, as the official tokenizer does,

@@ -87,7 +87,8 @@ def condition_prompt(condition: str | None, table: Mapping[str, str]) -> str | N
 def reward_sequence(tokenizer, messages: Sequence[dict], condition: str | None,
                     reward_token_id: int) -> list[int]:
     """Conversation ids + the reward token, as served (``RewardScorer.encode``)."""
-    ids = tokenizer.encode_chat(with_condition(messages, condition), add_generation_prompt=False)
+    ids = tokenizer.encode_chat(with_condition(messages, condition), add_generation_prompt=False,
+                                assistant_actions=True)
     return [*ids, reward_token_id]
 
 
@@ -100,8 +101,11 @@ def reward_pair_ids(tokenizer, pair: PreferencePair, reward_token_id: int,
 
 def response_ids(tokenizer, answer: Sequence[dict]) -> list[int]:
     """The last assistant message as the policy emits it: its text's tokens, then ``<|im_end|>``."""
+    from ..data.tokenize import assistant_content_ids
+
     im_end = tokenizer.special_tokens[IM_END]
-    return [*tokenizer.encode(answer[-1]["content"], add_bos=False, allow_special=False), im_end]
+    last = answer[-1]
+    return [*assistant_content_ids(tokenizer, last.get("content") or "", last.get("tool_calls") or ()), im_end]
 
 
 def dpo_pair_ids(tokenizer, pair: PreferencePair) -> tuple[list[int], list[int], list[int]]:
