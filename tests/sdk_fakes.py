@@ -412,13 +412,25 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+class WatchedHealth(HealthServicer):
+    """The standard health servicer, noting which services a client has Watched (to know a waiter waits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched: set[str] = set()
+
+    async def Watch(self, request, context):
+        self.watched.add(request.service)
+        return await super().Watch(request, context)
+
+
 class FakePlatform:
     """All four fake services + grpc.health.v1 on one loopback port, served from a thread."""
 
     def __init__(self, *, token: str | None = None, server_credentials=None):
         self.tokenizer, self.inference = FakeTokenizer(), FakeInference()
         self.reward, self.training = FakeReward(), FakeTraining()
-        self.health = HealthServicer()
+        self.health = WatchedHealth()
         self._token, self._creds = token, server_credentials
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)

@@ -4,8 +4,11 @@ retries of UNAVAILABLE, the status-code -> exception mapping, bearer token and m
 from __future__ import annotations
 
 import asyncio
+import inspect
 import shutil
+import socket
 import subprocess
+import threading
 import time
 
 import grpc
@@ -13,7 +16,8 @@ import pytest
 from sdk_fakes import FakePlatform
 
 import internlm2_client as ic
-from internlm2_client import aio
+from internlm2.v1 import inference_pb2, reward_pb2, tokenizer_pb2, training_pb2
+from internlm2_client import _base, aio
 from internlm2_client import errors as E
 
 pytestmark = pytest.mark.timeout(60)
@@ -307,6 +311,120 @@ def test_aio_clients_mirror_the_sync_api(platform):
                 await inf.generate("sleep", timeout=0.2)
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ one definition, two transports
+
+SERVICE_CLIENTS = [
+    (tokenizer_pb2, "TokenizerService", ic.TokenizerClient, aio.TokenizerClient),
+    (inference_pb2, "InferenceService", ic.InferenceClient, aio.InferenceClient),
+    (reward_pb2, "RewardService", ic.RewardClient, aio.RewardClient),
+    (training_pb2, "TrainingService", ic.TrainingClient, aio.TrainingClient),
+]
+
+
+@pytest.mark.parametrize("module, service, sync_cls, aio_cls", SERVICE_CLIENTS, ids=[s[1] for s in SERVICE_CLIENTS])
+def test_every_rpc_has_one_declaration_and_both_clients_have_it(module, service, sync_cls, aio_cls):
+    """The sync and asyncio clients are generated from the same declarations: every RPC of the
+    service has exactly one, and both clients expose it with the same signature and docstring."""
+    declared = _base.declarations(sync_cls.__mro__[1])
+    assert declared == _base.declarations(aio_cls.__mro__[1])
+    rpcs = [d.method for d in declared.values() if isinstance(d, _base.Rpc)]
+    assert sorted(rpcs) == sorted(m.name for m in module.DESCRIPTOR.services_by_name[service].methods)
+    assert len(set(rpcs)) == len(rpcs)
+    for name, declaration in declared.items():
+        sync_method, aio_method = getattr(sync_cls, name), getattr(aio_cls, name)
+        sync_sig, aio_sig = inspect.signature(sync_method), inspect.signature(aio_method)
+        assert "timeout" in sync_sig.parameters, name
+        if isinstance(declaration, _base.Pager):
+            assert inspect.isgeneratorfunction(sync_method) and inspect.isasyncgenfunction(aio_method)
+            assert sync_sig.parameters == aio_sig.parameters
+        else:
+            assert sync_sig == aio_sig, name
+            assert inspect.iscoroutinefunction(aio_method) == (declaration.stream is None), name
+            assert not inspect.iscoroutinefunction(sync_method)
+        assert sync_method.__doc__ and sync_method.__doc__ == aio_method.__doc__, name
+    assert sync_cls.__doc__.startswith(f"Client of internlm2.v1.{service}")
+    assert aio_cls.__doc__.startswith(f"asyncio client of internlm2.v1.{service}")
+
+
+def test_aio_iter_jobs_pages_like_the_sync_one(platform):
+    with ic.TrainingClient(platform.address) as tr:
+        for i in range(3):
+            tr.submit_job(["eval"], name=f"page-{i}")
+        expected = [j.job_id for j in tr.iter_jobs(page_size=2)]
+
+    async def main():
+        async with aio.TrainingClient(platform.address) as tr:
+            return [j.job_id async for j in tr.iter_jobs(page_size=2)]
+
+    assert asyncio.run(main()) == expected and len(expected) >= 3
+
+
+# ------------------------------------------------------------------ wait_until_ready: health SERVING, not a connection
+
+
+def test_wait_until_ready_waits_for_serving_and_times_out_naming_the_service(platform):
+    name = "internlm2.v1.InferenceService"
+    platform.set_health(name, False)
+    platform.health.watched.discard(name)
+    try:
+        with ic.InferenceClient(platform.address) as client:
+            # Connected, but not SERVING: the wait times out, saying what it waited for and what it saw.
+            with pytest.raises(E.DeadlineExceededError) as late:
+                client.wait_until_ready(timeout=2)
+            assert name in str(late.value) and platform.address in str(late.value)
+            assert "NOT_SERVING" in str(late.value) and isinstance(late.value, TimeoutError)
+
+            done, failure = threading.Event(), []
+
+            def waiter():
+                try:
+                    client.wait_until_ready(timeout=60)
+                except Exception as exc:
+                    failure.append(exc)
+                done.set()
+
+            platform.health.watched.discard(name)
+            threading.Thread(target=waiter, daemon=True).start()
+            deadline = time.monotonic() + 30
+            while name not in platform.health.watched and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert name in platform.health.watched, "the waiter never watched the service's health"
+            assert not done.is_set(), "wait_until_ready returned while the service was NOT_SERVING"
+            platform.set_health(name, True)
+            assert done.wait(30) and not failure, failure
+    finally:
+        platform.set_health(name, True)
+
+
+def test_wait_until_ready_on_a_closed_port_times_out():
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    with ic.RewardClient(address) as client, pytest.raises(E.DeadlineExceededError) as late:
+        client.wait_until_ready(timeout=1)
+    assert "internlm2.v1.RewardService" in str(late.value) and "no answer" in str(late.value)
+
+
+def test_aio_wait_until_ready_returns_once_serving(platform):
+    name = "internlm2.v1.TokenizerService"
+    platform.set_health(name, False)
+
+    async def main():
+        async with aio.TokenizerClient(platform.address) as client:
+            with pytest.raises(E.DeadlineExceededError, match="NOT_SERVING"):
+                await client.wait_until_ready(timeout=2)
+            waiting = asyncio.ensure_future(client.wait_until_ready(timeout=60))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            await asyncio.to_thread(platform.set_health, name, True)
+            await asyncio.wait_for(waiting, 30)
+
+    try:
+        asyncio.run(main())
+    finally:
+        platform.set_health(name, True)
 
 
 # ------------------------------------------------------------------ auth and TLS

@@ -93,6 +93,38 @@ def test_health_transitions_loading_serving_draining(tokenizer_dir):
     assert seen == [S.NOT_SERVING, S.SERVING, S.NOT_SERVING]
 
 
+def test_wait_until_ready_returns_once_the_model_is_loaded(tokenizer_dir):
+    """The SDK's wait_until_ready waits for the service's SERVING, not for the connection: while the
+    model loads it keeps waiting, and the first call after it returns succeeds."""
+    service = GatedTokenizerService(tokenizer_dir)
+    server = BackgroundApp(GrpcApp(_config(), [service])).start(load=False)
+    done, failure = threading.Event(), []
+    client = TokenizerClient(server.address, retry=None)
+
+    def waiter():
+        try:
+            client.wait_until_ready(timeout=60)
+        except Exception as exc:
+            failure.append(exc)
+        done.set()
+
+    # grpc's own HealthServicer counts the Watch calls it is answering: proof the waiter is waiting.
+    watchers = lambda: server.call(lambda: server.app.health._watcher_count_by_service.get(TOKENIZER, 0))
+    try:
+        threading.Thread(target=waiter, daemon=True).start()
+        assert wait_for(lambda: watchers() > 0, 30), "wait_until_ready never watched the service's health"
+        assert not done.is_set(), "wait_until_ready returned while the model was loading"
+        loader = asyncio.run_coroutine_threadsafe(server.app.load(), server.loop)
+        service.gate.set()
+        loader.result(30)
+        assert done.wait(30) and not failure, failure
+        assert client.tokenize(["hi"])[0].token_ids
+    finally:
+        service.gate.set()
+        client.close()
+        server.stop()
+
+
 def test_unknown_health_service_is_not_found(tokenizer_dir):
     server = BackgroundApp(GrpcApp(_config(), [TokenizerService(tokenizer_dir)])).start()
     try:
