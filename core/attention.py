@@ -42,23 +42,54 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return out.transpose(1, 2)
 
 
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+
+    FLEX_AVAILABLE = True
+except ImportError:  # pragma: no cover - older torch: the per-document path only
+    FLEX_AVAILABLE = False
+_compiled_flex = None
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """Flex attention on [B, T, H, D] inputs with GQA; compiled (fused) on CUDA, eager elsewhere."""
+    global _compiled_flex
+    fn = _flex_attention
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(_flex_attention)
+        fn = _compiled_flex
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
 class DenseAttention:
     """Causal attention over the tokens of this call only (training, prefill without a cache).
 
     ``doc_ids`` [B, T]: packed rows — a token attends only to earlier tokens of the same document.
     ``padding_mask`` [B, T]: True for real tokens; keys at padded positions are never attended.
 
-    Packed rows without padding run one causal SDPA per document: no [T, T] mask, so the flash kernel
-    stays usable on GPU and the ~(1 - 1/docs) of the causal square that a block-diagonal mask would
-    compute and throw away is never computed. The document boundaries are read to the host once per
-    forward (this object lives for one forward) and shared by every layer.
+    Packed rows without padding (``packed_kernel``):
+
+    - ``"flex"``: ONE flex-attention call per layer with a document block mask (built once per forward,
+      shared by every layer): blocks outside every document's causal triangle are skipped, and on CUDA
+      the call is a compiled fused kernel, forward and backward. Default on CUDA when available.
+    - ``"per_document"``: one causal SDPA per document (the reference, and the CPU path: flex has no CPU
+      backward and runs unfused there). No [T, T] mask, so the flash kernel stays usable; the document
+      boundaries are read to the host once per forward and shared by every layer.
     """
 
-    def __init__(self, doc_ids: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None):
+    def __init__(self, doc_ids: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                 packed_kernel: str = "auto"):
+        if packed_kernel not in ("auto", "flex", "per_document"):
+            raise ValueError(f"packed_kernel: must be auto, flex or per_document, got {packed_kernel!r}")
         self.doc_ids = doc_ids
         self.padding_mask = padding_mask
+        self.packed_kernel = packed_kernel
         self._mask: torch.Tensor | None = None
         self._segments: list[list[tuple[int, int]]] | None = None
+        self._block_mask = None
 
     def mask(self, t: int, device: torch.device) -> torch.Tensor | None:
         if self.doc_ids is None and self.padding_mask is None:
@@ -85,7 +116,28 @@ class DenseAttention:
             self._segments = rows
         return self._segments
 
+    def use_flex(self, q: torch.Tensor) -> bool:
+        if self.packed_kernel == "auto":
+            return q.is_cuda and FLEX_AVAILABLE
+        return self.packed_kernel == "flex"
+
+    def block_mask(self, t: int):
+        """Flex-attention block mask of the packed rows: causal and inside each document."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            doc = self.doc_ids
+
+            def same_document_causal(b, h, q_idx, kv_idx):
+                return (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
+
+            self._block_mask = create_block_mask(same_document_causal, doc.shape[0], None, t, t,
+                                                 device=doc.device)
+        return self._block_mask
+
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.doc_ids is not None and self.padding_mask is None and self.use_flex(q):
+            return flex(q, k, v, self.block_mask(q.shape[1]))
         if self.doc_ids is not None and self.padding_mask is None:
             rows = [
                 torch.cat([sdpa(q[r : r + 1, s:e], k[r : r + 1, s:e], v[r : r + 1, s:e], None, causal=True)

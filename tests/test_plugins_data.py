@@ -1,6 +1,7 @@
 """Training data: JSONL formats with field-naming errors, the SFT loss mask (assistant turns only,
-per-turn opt-out) consistent with inference prompts, packing with document ids, memory-mapped
-token shards with exact-duplicate removal (the prepare_data stage)."""
+per-turn opt-out) consistent with inference prompts, packing with document ids (best-fit decreasing,
+O(n log n) by its probe count), memory-mapped token shards with exact-duplicate removal and SFT rows
+packed once (the prepare_data stage)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from internlm2.core.attention import DenseAttention
 from internlm2.core.tokenizer import InternLM2Tokenizer
 from internlm2.plugins.contract import StageInputs, local_context
 from internlm2.plugins.data import formats
-from internlm2.plugins.data.packing import collate, pack_samples
-from internlm2.plugins.data.shards import PackedTokenDataset, ShardWriter
+from internlm2.plugins.data.chat_rows import chat_rows
+from internlm2.plugins.data.packing import collate, pack_lengths, pack_samples
+from internlm2.plugins.data.shards import PackedRowDataset, PackedTokenDataset, ShardWriter
 from internlm2.plugins.data.tokenize import IGNORE, prompt_ids, tokenize_chat
 from internlm2.plugins.registry import get_stage
 
@@ -157,3 +159,62 @@ def test_prepare_data_stage_dedups_and_shards(assets, tmp_path):
     again = local_context(stage, {"sources": [str(assets.corpus)]}, tmp_path / "out",
                           inputs=StageInputs(checkpoints={"base": assets.base}))
     assert stage.run(again) == {}
+
+
+def test_best_fit_decreasing_packs_every_sample_once_and_tightly():
+    rng = np.random.default_rng(0)
+    lengths = [*rng.integers(1, 600, 3000).tolist(), 900, 1100]  # two over max_len: truncated
+    bins = pack_lengths(lengths, 512)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(min(lengths[i], 512) for i in b) <= 512 for b in bins)
+    lower_bound = -(-sum(min(n, 512) for n in lengths) // 512)
+    assert len(bins) <= 1.02 * lower_bound + 1  # within 2% of the ideal row count
+
+
+def test_packing_work_grows_as_n_log_n_on_200k_samples():
+    """Probes of the capacity search (bisect comparisons, counted through its key) per sample stay bounded
+    by the log of the distinct capacities: 200k samples cost ~10x 20k, where first-fit over all rows
+    (the old packer: one probe per open row) costs ~100x."""
+    rng = np.random.default_rng(1)
+    max_len = 2048
+    work = {}
+    for n in (20_000, 200_000):
+        probes = 0
+
+        def count(x):
+            nonlocal probes
+            probes += 1
+            return x
+
+        lengths = rng.integers(16, 1500, n).tolist()
+        bins = pack_lengths(lengths, max_len, key=count)
+        assert sum(len(b) for b in bins) == n
+        work[n] = probes
+    assert work[200_000] / 200_000 <= 2 * (np.log2(max_len) + 2)  # a bisection, then an insertion
+    assert work[200_000] / work[20_000] < 15  # linear in n here; first-fit would be ~100
+
+
+def test_prepare_data_packs_chat_once_and_sft_reads_the_same_rows(assets, tok, tmp_path):
+    stage = get_stage("prepare_data")
+    ctx = local_context(stage, {"sources": [str(assets.chat)], "format": "chat", "max_length": 64},
+                        tmp_path / "out", inputs=StageInputs(checkpoints={"base": assets.base}))
+    result = stage.run(ctx)
+    folder = tmp_path / "out" / "dataset"
+    conversations = formats.load_chat(assets.chat)
+    unique, seen = [], set()
+    for c in conversations:  # the stage keeps the first of exact duplicates
+        if json.dumps(c, sort_keys=True) not in seen:
+            seen.add(json.dumps(c, sort_keys=True))
+            unique.append(c)
+    assert result["conversations"] == len(unique) and result["duplicates_removed"] == len(conversations) - len(unique)
+    for name in ("input_ids", "labels", "doc_ids"):
+        assert np.load(folder / f"{name}.npy", mmap_mode="r").dtype == np.int32
+    prepared, info = chat_rows(tok, folder, 64)
+    assert info["prepared"] and isinstance(prepared, PackedRowDataset) and len(prepared) == result["rows"]
+    expected, _ = pack_samples([tokenize_chat(tok, c) for c in unique], 64, tok.pad_id)
+    assert len(expected) == len(prepared)
+    for want, got in zip(expected, (prepared[i] for i in range(len(prepared)))):
+        for name in ("input_ids", "labels", "doc_ids"):
+            assert (getattr(got, name) == getattr(want, name)).all() and getattr(got, name).dtype == np.int64
+    with pytest.raises(ValueError, match="max_length"):
+        chat_rows(tok, folder, 128)

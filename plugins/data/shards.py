@@ -4,6 +4,8 @@
     PackedTokenDataset(folder, seq_len)  rows of exactly seq_len tokens over the concatenated
                                          documents, with per-token doc ids (documents are cut at
                                          row ends; the remainder starts the next row as a new doc)
+    write_packed_rows(folder, samples, max_len, pad_id)  SFT samples packed once into int32 row files
+    PackedRowDataset(folder)             those rows, memory-mapped (what sft reads)
 """
 
 from __future__ import annotations
@@ -106,3 +108,67 @@ class PackedTokenDataset:
         same = doc[1:] == doc[:-1]
         labels[:-1] = np.where(same, ids[1:], IGNORE)
         return PackedRow(ids, labels, doc.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------ packed rows
+ROWS_FORMAT = "internlm2-packed-rows/1"
+_ROW_ARRAYS = ("input_ids", "labels", "doc_ids")
+
+
+def write_packed_rows(folder: str | os.PathLike, samples: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      max_len: int, pad_id: int, **extra: Any) -> dict[str, Any]:
+    """Pack ``(ids, targets)`` samples ONCE (best-fit decreasing) into int32 row files of ``max_len``:
+    ``input_ids.npy``, ``labels.npy`` (shifted, -100 = no loss), ``doc_ids.npy`` [rows, max_len], written
+    row by row into memory maps, and ``meta.json`` last (its presence means complete)."""
+    from .packing import clip, pack_lengths, row_from_segments
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bins = pack_lengths([len(ids) for ids, _ in samples], max_len)
+    arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.int32,
+                                              shape=(len(bins), max_len)) for name in _ROW_ARRAYS}
+    for r, b in enumerate(bins):
+        row = row_from_segments([clip(samples[i], max_len) for i in b], max_len, pad_id)
+        for name in _ROW_ARRAYS:
+            arrays[name][r] = getattr(row, name)
+    for a in arrays.values():
+        a.flush()
+    del arrays
+    targets = sum(sum(t != IGNORE for t in clip(s, max_len)[1][1:]) for s in samples)
+    meta = {"format": ROWS_FORMAT, "dtype": "int32", "num_rows": len(bins), "max_length": max_len,
+            "num_samples": len(samples), "target_tokens": int(targets),
+            "truncated": sum(len(ids) > max_len for ids, _ in samples),
+            "fill": sum(min(len(ids), max_len) for ids, _ in samples) / max(1, len(bins) * max_len), **extra}
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / "meta.json")
+    return meta
+
+
+def is_packed_rows(path: str | os.PathLike) -> bool:
+    meta = Path(path) / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("format") == ROWS_FORMAT
+
+
+class PackedRowDataset:
+    """The rows :func:`write_packed_rows` wrote, memory-mapped: every rank indexes the same files and
+    reads only its own rows (``rank_batches``); nothing is tokenised or packed again."""
+
+    def __init__(self, folder: str | os.PathLike, max_length: int | None = None):
+        self.folder = Path(folder)
+        if not is_packed_rows(self.folder):
+            raise ValueError(f"{self.folder}: not a packed-rows dataset ({ROWS_FORMAT}); run prepare_data "
+                             "with format chat")
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        if max_length is not None and max_length != self.meta["max_length"]:
+            raise ValueError(f"max_length: {max_length} differs from the packed rows' {self.meta['max_length']} "
+                             f"({self.folder}); prepare the data again or use that length")
+        self._arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in _ROW_ARRAYS}
+
+    def __len__(self) -> int:
+        return int(self.meta["num_rows"])
+
+    def __getitem__(self, i: int) -> PackedRow:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return PackedRow(*(np.asarray(self._arrays[name][i], dtype=np.int64) for name in _ROW_ARRAYS))

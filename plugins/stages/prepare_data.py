@@ -1,10 +1,15 @@
-"""prepare_data: tokenise text corpora into memory-mapped token shards, dropping exact duplicates.
+"""prepare_data: tokenise corpora ONCE into memory-mapped shards, dropping exact duplicates.
 
 Sources are ``{"text": ...}`` JSONL files, plain ``.txt`` files (one document each) or folders of
 them (recursively, sorted). Each document becomes ``<s> text </s>``; a document whose text was seen
 before (BLAKE2b-128 of the UTF-8 text) is dropped. Output: the token-shard folder
 ``output_dir/dataset`` (FORMATS.md), registered as the artifact ``dataset``, which ``pretrain`` and
 ``long_context`` read and pack.
+
+``format: chat``: ``{"messages"}`` JSONL (FORMATS.md) is tokenised with the SFT loss mask and packed
+best-fit decreasing (O(n log n)) into int32 rows of ``max_length`` (``input_ids``/``labels``/``doc_ids``
+memory maps); ``sft`` given that folder as its data reads the rows on every rank without tokenising or
+packing again.
 
 Resume: the output is deterministic; a finished folder (meta.json present) is reused, a partial one
 is rebuilt.
@@ -13,22 +18,27 @@ is rebuilt.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from ..contract import ArtifactKind, Stage, StageConfig, StageContext
-from ..data.formats import check_text, read_jsonl
-from ..data.shards import ShardWriter
-from ..data.tokenize import tokenize_text
+from ..data.formats import check_chat, check_text, read_jsonl
+from ..data.shards import ShardWriter, write_packed_rows
+from ..data.tokenize import tokenize_chat, tokenize_text
 
 
 class PrepareDataConfig(StageConfig):
     """Which corpora to tokenise, with which tokenizer, and how to shard them."""
 
-    sources: list[str] = Field(..., min_length=1, description="JSONL ({\"text\"}) / .txt files or folders; "
-                               "paths or references (input:NAME).")
+    sources: list[str] = Field(..., min_length=1, description="JSONL ({\"text\"} or {\"messages\"}) / .txt "
+                               "files or folders; paths or references (input:NAME).")
+    format: Literal["text", "chat"] = Field("text", description="text: token shards (pretrain, long_context); "
+                                            "chat: SFT rows packed once (sft reads the folder).")
+    max_length: int = Field(2048, ge=16, description="format chat: tokens per packed row (sft's max_length).")
     tokenizer: str | None = Field(None, description="Checkpoint or tokenizer folder (path or reference); "
                                   "default: the previous stage's checkpoint or the job input 'base'.")
     dedup: bool = Field(True, description="Drop documents whose exact text was already seen.")
@@ -40,6 +50,39 @@ def _files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt") and p.is_file())
     return [path]
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _conversations(path: Path):
+    for where, record in read_jsonl(path):
+        yield check_chat(record, where)
+
+
+def _prepare_chat(ctx: StageContext, cfg: PrepareDataConfig, tok, files: list[Path], out: Path) -> dict[str, float]:
+    samples, seen = [], set()
+    dups = 0
+    for k, path in enumerate(files):
+        for messages in _conversations(path):
+            ctx.raise_if_cancelled()
+            if cfg.dedup:
+                digest = _digest(json.dumps(messages, sort_keys=True, ensure_ascii=False))
+                if digest in seen:
+                    dups += 1
+                    continue
+                seen.add(digest)
+            samples.append(tokenize_chat(tok, messages))
+        ctx.report_progress(k + 1, len(files), conversations=len(samples), duplicates=dups)
+    if not samples:
+        raise ValueError("sources: no conversation to prepare")
+    meta = write_packed_rows(out, samples, cfg.max_length, tok.pad_id, duplicates_removed=dups,
+                             sources=[str(f) for f in files])
+    ctx.log(f"{meta['num_samples']} conversations packed into {meta['num_rows']} rows of {cfg.max_length} "
+            f"(fill {meta['fill']:.1%}), {dups} duplicates removed")
+    return {"conversations": float(meta["num_samples"]), "rows": float(meta["num_rows"]),
+            "fill": float(meta["fill"]), "duplicates_removed": float(dups)}
 
 
 def _documents(path: Path):
@@ -67,6 +110,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     files = [f for src in cfg.sources for f in _files(ctx.resolve(src, "dataset"))]
     if out.exists():
         shutil.rmtree(out)
+    if cfg.format == "chat":
+        result = _prepare_chat(ctx, cfg, tok, files, out)
+        ctx.add_artifact("dataset", out, ArtifactKind.OTHER)
+        return result
     writer = ShardWriter(out, cfg.shard_tokens)
     seen: set[bytes] = set()
     docs = dups = short = 0
@@ -77,7 +124,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                 short += 1
                 continue
             if cfg.dedup:
-                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                digest = _digest(text)
                 if digest in seen:
                     dups += 1
                     continue
@@ -96,7 +143,8 @@ def run(ctx: StageContext) -> dict[str, float]:
 STAGE = Stage(
     name="prepare_data",
     description="Tokenise text/code/long-document corpora into memory-mapped token shards with exact-"
-    "duplicate removal; pretrain and long_context pack them into fixed-length rows.",
+    "duplicate removal (pretrain and long_context pack them into fixed-length rows), or chat data into "
+    "SFT rows packed once (best-fit decreasing) that sft reads memory-mapped.",
     config_model=PrepareDataConfig,
     run=run,
     queue="gpu",
