@@ -188,6 +188,8 @@ ENGINE_SAMPLING_FIELDS = {
     "logprobs",
     "prompt_logprobs",
     "skip_special_tokens",
+    "n",
+    "structured_output",
 }
 
 

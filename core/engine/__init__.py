@@ -39,7 +39,7 @@ from .async_engine import AsyncLLMEngine
 from .engine import LLMEngine, merge_outputs
 from .errors import EngineClosedError, EngineOverloadedError, InvalidRequestError
 from .outputs import EngineStats, RequestMetrics, RequestOutput, TokenLogprob
-from .params import MAX_LOGPROBS, EngineConfig, SamplingParams
+from .params import MAX_LOGPROBS, EngineConfig, SamplingParams, StructuredOutput
 
 __all__ = [
     "MAX_LOGPROBS",
@@ -53,6 +53,7 @@ __all__ = [
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutput",
     "TokenLogprob",
     "merge_outputs",
 ]

@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 
 from .engine import LLMEngine
-from .errors import EngineClosedError, EngineOverloadedError, InvalidRequestError
+from .errors import DuplicateRequestError, EngineClosedError
 from .outputs import CANCELLED, EngineStats, RequestOutput
 from .params import EngineConfig, SamplingParams
 
@@ -34,8 +34,8 @@ class AsyncLLMEngine:
         self.engine = engine if engine is not None else LLMEngine(model, tokenizer, config)
         self._cond = threading.Condition()
         self._inbox: list[tuple] = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._num_queued_adds = 0
+        # request id -> (its caller's loop, its queue, how many of its n sequences are still open)
+        self._streams: dict[str, list] = {}
         self._closed = False
         self._stats = self.engine.stats()
         self._thread = threading.Thread(target=self._run, name="internlm2-engine", daemon=True)
@@ -44,10 +44,13 @@ class AsyncLLMEngine:
     # ---- caller side (event loop) -------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's RequestOutput deltas; the last one has ``finished=True``.
+        """Stream a request's RequestOutput deltas (of all its ``n`` siblings, told apart by ``index``);
+        each sibling's last one has ``finished=True`` and the stream ends after the n-th.
 
-        Raises InvalidRequestError / EngineOverloadedError / EngineClosedError on the first iteration.
-        Leaving the loop early, ``aclose()`` or cancelling the consuming task aborts the request.
+        Raises InvalidRequestError (DuplicateRequestError for a live id) / EngineOverloadedError /
+        EngineClosedError on the first iteration. Validation runs here, on the caller's side, once (the
+        engine thread only queues the request). Leaving the loop early, ``aclose()`` or cancelling the
+        consuming task aborts the request.
         """
         params = params if params is not None else SamplingParams()
         prompt = self.engine.validate_request(request_id, prompt_token_ids, params)
@@ -56,28 +59,25 @@ class AsyncLLMEngine:
         with self._cond:
             if self._closed or not self._thread.is_alive():
                 raise EngineClosedError("the engine is shut down")
+            # The live-id rule is the engine's (DuplicateRequestError); asking it here, before the add
+            # reaches the engine thread, keeps a duplicate from taking over the live stream's queue.
             if request_id in self._streams:
-                raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-            limit = self.engine.config.max_queue_size
-            if self.engine.num_waiting + self._num_queued_adds >= limit:
-                raise EngineOverloadedError(f"engine overloaded: {limit} requests waiting; retry later")
-            self._streams[request_id] = (loop, queue)
+                raise DuplicateRequestError(request_id)
+            self._streams[request_id] = [loop, queue, params.n]
             self._inbox.append(("add", request_id, prompt, params))
-            self._num_queued_adds += 1
             self._cond.notify()
-        finished = False
+        open_ = params.n
         try:
-            while True:
+            while open_:
                 out = await queue.get()
                 if isinstance(out, BaseException):
-                    finished = True
+                    open_ = 0
                     raise out
-                finished = out.finished
+                if out.finished:
+                    open_ -= 1
                 yield out
-                if finished:
-                    return
         finally:
-            if not finished:
+            if open_:
                 self._abort_nowait(request_id)
 
     async def abort(self, request_id: str) -> bool:
@@ -132,11 +132,9 @@ class AsyncLLMEngine:
                 if op[0] == "add":
                     _, rid, prompt, params = op
                     try:
-                        engine.add_request(rid, prompt, params)
-                    except Exception as exc:  # overloaded, duplicate: the caller's iterator raises it
+                        engine.add_validated_request(rid, prompt, params)
+                    except Exception as exc:  # overloaded: the caller's iterator raises it
                         outputs.append((rid, exc))
-                    with self._cond:
-                        self._num_queued_adds -= 1
                 else:
                     _, rid, reply = op
                     found = engine.abort(rid)
@@ -174,8 +172,12 @@ class AsyncLLMEngine:
                 entry = self._streams.get(rid)
                 if entry is None:  # the caller went away
                     continue
-                if isinstance(item, BaseException) or item.finished:
+                if isinstance(item, BaseException):
                     del self._streams[rid]
+                elif item.finished:
+                    entry[2] -= 1
+                    if not entry[2]:
+                        del self._streams[rid]
                 by_loop.setdefault(entry[0], []).append((entry[1], item))
         for loop, batch in by_loop.items():
             _call_soon(loop, _put_all, batch)

@@ -17,14 +17,14 @@ import torch
 
 from ..config import ConfigError
 from .block_manager import BlockManager
-from .errors import InvalidRequestError
+from .errors import DuplicateRequestError, InvalidRequestError
 from .kv_cache import PagedKVCache, plan_num_blocks
 from .output_processor import OutputProcessor
 from .outputs import CANCELLED, ERROR, EngineStats, RequestOutput
 from .params import EngineConfig, SamplingParams
 from .request import Request
 from .runner import ModelRunner
-from .sampler import Sampler, engine_noise_key, noise_key
+from .sampler import Sampler, engine_noise_key, noise_key, sibling_key
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -112,32 +112,46 @@ class LLMEngine:
             raise InvalidRequestError("stop_token_ids", f"ids must be below the vocabulary size {self.vocab_size}")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need an engine with a tokenizer")
+        if params.structured_output is not None:
+            raise InvalidRequestError("structured_output", "is not supported by this engine yet")
         return prompt
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
                     params: SamplingParams | None = None) -> None:
-        """Queue a request. Raises InvalidRequestError (bad request, duplicate id) or EngineOverloadedError."""
+        """Queue a request. Raises InvalidRequestError (bad request; DuplicateRequestError for a live id)
+        or EngineOverloadedError."""
         params = params if params is not None else SamplingParams()
-        prompt = self.validate_request(request_id, prompt_token_ids, params)
-        if request_id in self.scheduler.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        self.add_validated_request(request_id, self.validate_request(request_id, prompt_token_ids, params), params)
+
+    def add_validated_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """``add_request`` for a prompt ``validate_request`` already returned (AsyncLLMEngine validates on
+        the caller's side, so the rules run once per request)."""
+        if request_id in self.scheduler.groups:
+            raise DuplicateRequestError(request_id)
         if params.seed is not None:
             key = noise_key(params.seed)
         else:  # the engine's own stream: reproducible given config.seed and arrival order
             key = engine_noise_key(self.config.seed, self._num_unseeded)
             self._num_unseeded += 1
-        req = Request(request_id, prompt, params, self.eos_token_ids, key)
-        self.scheduler.add_request(req)  # may raise EngineOverloadedError
-        self.output_processor.add(req)
+        leader = Request(request_id, prompt, params, self.eos_token_ids, key)
+        siblings = [leader] + [
+            Request(request_id, prompt, params, self.eos_token_ids, sibling_key(key, i), index=i, leader=leader)
+            for i in range(1, params.n)
+        ]
+        self.scheduler.add_request(siblings)  # may raise EngineOverloadedError
+        for req in siblings:
+            self.output_processor.add(req)
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request now (its blocks are freed at once); the next ``step()`` returns its final
-        output with finish_reason "cancelled". False if it is unknown or already finished."""
-        req = self.scheduler.requests.get(request_id)
-        if req is None:
+        """Cancel a request (all its siblings) now, freeing their blocks at once; the next ``step()``
+        returns their final outputs with finish_reason "cancelled". False if it is unknown or finished."""
+        group = self.scheduler.groups.get(request_id)
+        if group is None:
             return False
-        self.scheduler.finish_request(req, CANCELLED)
-        self._pending.append(self.output_processor.final_output(req))
+        for req in group:
+            if not req.is_finished:
+                self.scheduler.finish_request(req, CANCELLED)
+                self._pending.append(self.output_processor.final_output(req))
         return True
 
     def reset_prefix_cache(self) -> int:
@@ -195,22 +209,25 @@ class LLMEngine:
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  request_id_prefix: str = "gen") -> list[RequestOutput]:
-        """Run ``prompts`` to completion (blocking); one merged RequestOutput per prompt, in order."""
+        """Run ``prompts`` to completion (blocking); one merged RequestOutput per prompt and sibling (n),
+        prompt-major, in order."""
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError("params", f"{len(params_list)} params for {len(prompts)} prompts")
         ids = [f"{request_id_prefix}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
         for rid, prompt, p in zip(ids, prompts, params_list):
             self.add_request(rid, prompt, p)
-        merged: dict[str, RequestOutput] = {}
-        remaining = set(ids)
+        keys = [(rid, i) for rid, p in zip(ids, params_list) for i in range(p.n if p is not None else 1)]
+        merged: dict[tuple[str, int], RequestOutput] = {}
+        remaining = set(keys)
         while remaining:
             for out in self.step():
-                if out.request_id in merged or out.request_id in remaining:
-                    merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
+                key = (out.request_id, out.index)
+                if key in remaining:
+                    merged[key] = merge_outputs(merged.get(key), out)
                     if out.finished:
-                        remaining.discard(out.request_id)
-        return [merged[rid] for rid in ids]
+                        remaining.discard(key)
+        return [merged[key] for key in keys]
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -243,7 +260,7 @@ def merge_outputs(acc: RequestOutput | None, delta: RequestOutput) -> RequestOut
             logprobs=list(delta.logprobs) if delta.logprobs is not None else None, finished=delta.finished,
             finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, prompt_tokens=delta.prompt_tokens,
             completion_tokens=delta.completion_tokens, prompt_logprobs=delta.prompt_logprobs, error=delta.error,
-            metrics=delta.metrics,
+            metrics=delta.metrics, index=delta.index,
         )
     acc.new_token_ids.extend(delta.new_token_ids)
     acc.new_text += delta.new_text

@@ -12,6 +12,14 @@ class InvalidRequestError(ValueError):
         self.message = message
 
 
+class DuplicateRequestError(InvalidRequestError):
+    """A request id that is already live in this engine (-> ALREADY_EXISTS); the live one is untouched."""
+
+    def __init__(self, request_id: str):
+        super().__init__("request_id", f"{request_id!r} is already running")
+        self.request_id = request_id
+
+
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full (-> RESOURCE_EXHAUSTED); retrying later may succeed."""
 

@@ -72,11 +72,11 @@ class OutputProcessor:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.streams: dict[str, TextStream] = {}
+        self.streams: dict[tuple[str, int], TextStream] = {}  # by (request id, sibling index)
 
     def add(self, request: Request) -> None:
         if self.tokenizer is not None:
-            self.streams[request.request_id] = TextStream(self.tokenizer, request)
+            self.streams[request.key] = TextStream(self.tokenizer, request)
 
     def process(self, requests: list[Request]) -> tuple[list[RequestOutput], list[tuple[Request, str]]]:
         """Outputs for requests that got tokens this step, and (request, stop string) pairs to finish."""
@@ -96,7 +96,7 @@ class OutputProcessor:
         return outputs, stopped
 
     def _text(self, req: Request, new_ids: list[int]) -> tuple[str, str | None]:
-        stream = self.streams.get(req.request_id)
+        stream = self.streams.get(req.key)
         if stream is None:
             return "", None
         parts = []
@@ -123,20 +123,20 @@ class OutputProcessor:
         if req.prompt_logprobs is not None and not req.needs_prompt_logprobs:
             prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # first output only
         if finished:
-            self.streams.pop(req.request_id, None)
+            self.streams.pop(req.key, None)
         return RequestOutput(
             request_id=req.request_id, new_token_ids=list(new_ids), new_text=text, logprobs=logprobs,
             finished=finished, finish_reason=finish_reason if finished else None,
             stop_reason=stop_reason if finished else None, prompt_tokens=req.num_prompt_tokens,
             completion_tokens=req.num_output_tokens, prompt_logprobs=prompt_logprobs,
-            error=error if error is not None else req.error, metrics=req.metrics(finished, now),
+            error=error if error is not None else req.error, metrics=req.metrics(finished, now), index=req.index,
         )
 
     def final_output(self, req: Request) -> RequestOutput:
         """The closing record of a request finished outside a step's update (abort, error)."""
         new_ids = req.token_ids[req.num_prompt_tokens + req.num_reported_tokens :]
         req.num_reported_tokens += len(new_ids)
-        stream = self.streams.get(req.request_id)
+        stream = self.streams.get(req.key)
         text = ""
         if stream is not None and req.finish_reason != "cancelled":
             text = "".join(stream.push(t, check_stops=False)[0] for t in new_ids) + stream.flush()

@@ -46,6 +46,11 @@ class RequestOutput:
     token that completed it stays in ``new_token_ids``. ``prompt_logprobs`` (first output only) has one
     entry per prompt token after the first. ``LLMEngine.generate`` returns one merged output per request
     (all tokens, all text).
+
+    A request with ``n`` > 1 yields the outputs of its n sibling sequences under its one
+    ``request_id``, told apart by ``index`` (0 .. n-1); each sibling has its own ``finished`` output, and
+    the request is done when all n are. ``prompt_tokens`` is the whole prompt on every sibling (usage
+    counts it once per request).
     """
 
     request_id: str
@@ -60,6 +65,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None
     metrics: RequestMetrics | None = None
+    index: int = 0
 
 
 @dataclass

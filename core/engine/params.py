@@ -20,6 +20,11 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI and vLLM cap them
 # cannot slow every other request's steps.
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
+# Sibling completions per request: each is a sequence in the batch and a slot in the queue.
+MAX_N = 64
+# A schema / regex / grammar is compiled on a worker thread and cached; bound its text so one request
+# cannot pin a huge compile (and its cache entry).
+MAX_STRUCTURED_OUTPUT_CHARS = 64 * 1024
 
 
 def _is_int(x) -> bool:
@@ -28,6 +33,48 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a constrained request's output must be: exactly one of a JSON schema (JSON text), a regular
+    expression, a Lark grammar, or ``json_object`` (any JSON object). Frozen and hashable: the compiled
+    grammar cache is keyed by it. ``kind`` / ``spec`` name the one that is set."""
+
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    @property
+    def kind(self) -> str:
+        set_ = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            set_.append("json_object")
+        if len(set_) != 1:
+            raise InvalidRequestError(
+                "structured_output", f"set exactly one of json_schema, regex, grammar, json_object (got {set_})"
+            )
+        return set_[0]
+
+    @property
+    def spec(self) -> str | bool:
+        return getattr(self, self.kind)
+
+    def validate(self) -> StructuredOutput:
+        """Shape checks only; whether the schema / regex / grammar compiles is checked by the engine."""
+        kind = self.kind
+        field = f"structured_output.{kind}"
+        if kind == "json_object":
+            if self.json_object is not True:
+                raise InvalidRequestError(field, f"must be true when set, got {self.json_object!r}")
+            return self
+        spec = self.spec
+        if not isinstance(spec, str) or not spec.strip():
+            raise InvalidRequestError(field, "must be a non-empty string")
+        if len(spec) > MAX_STRUCTURED_OUTPUT_CHARS:
+            raise InvalidRequestError(field, f"at most {MAX_STRUCTURED_OUTPUT_CHARS} characters, got {len(spec)}")
+        return self
 
 
 @dataclass
@@ -45,6 +92,10 @@ class SamplingParams:
     ``logprobs=k``: the chosen token's logprob plus the k most likely alternatives (0 = chosen only);
     ``prompt_logprobs=k`` likewise for every prompt token after the first. Logprobs are those of the
     model's raw distribution (before temperature, penalties and truncation).
+    ``n`` sibling completions share the prompt's KV blocks; sibling i > 0 samples with a key derived
+    from the request's (``sampler.sibling_key``), so sibling 0 is the n = 1 completion.
+    ``structured_output`` constrains every sampled token to keep the output a valid prefix of the
+    schema / regex / grammar (``core.engine.structured``).
     """
 
     temperature: float = 1.0
@@ -63,6 +114,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    n: int = 1
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Accept the obvious spellings; anything else is left for validate() to name.
@@ -130,6 +183,14 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise InvalidRequestError(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise InvalidRequestError(
+                    "structured_output", f"must be a StructuredOutput, got {type(self.structured_output).__name__}"
+                )
+            self.structured_output.validate()
         return self
 
 

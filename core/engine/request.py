@@ -39,8 +39,10 @@ class Request:
         "finish_reason",
         "first_scheduled",
         "first_token",
+        "index",
         "inter_token_latencies",
         "last_token",
+        "leader",
         "new_logprobs",
         "noise_key",
         "num_cached_blocks",
@@ -55,6 +57,7 @@ class Request:
         "status",
         "stop_reason",
         "stop_token_ids",
+        "structured",
         "token_ids",
     )
 
@@ -65,8 +68,16 @@ class Request:
         params: SamplingParams,
         eos_token_ids: frozenset[int],
         noise_key: int = 0,
+        index: int = 0,
+        leader: Request | None = None,
     ):
         self.request_id = request_id
+        # Sibling ``index`` of an n > 1 request; siblings after the first wait for the ``leader`` (index
+        # 0) to compute the prompt, then start from its cached blocks (``Scheduler.schedule``).
+        self.index = index
+        self.leader = leader
+        # The grammar matcher of a constrained request (``structured.GrammarMatcher``), else None.
+        self.structured = None
         self.params = params
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then output as it grows
         self.num_prompt_tokens = len(self.token_ids)
@@ -87,7 +98,10 @@ class Request:
         # count it fixes every draw, so the tokens do not depend on the batch or on preemption.
         self.noise_key = noise_key
         self.new_logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
-        self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs is not None else None
+        # Prompt logprobs are the same for every sibling: only the first computes and reports them.
+        self.prompt_logprobs: list[TokenLogprob] | None = (
+            [] if params.prompt_logprobs is not None and index == 0 else None
+        )
         self.num_reported_tokens = 0  # output tokens already handed out in a RequestOutput
         self.num_preemptions = 0
         self.arrival = time.perf_counter()
@@ -96,6 +110,18 @@ class Request:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.inter_token_latencies: list[float] = []
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Unique among live sequences: the request id and the sibling index."""
+        return self.request_id, self.index
+
+    @property
+    def waits_for_leader(self) -> bool:
+        """A sibling not yet started while its leader still computes the shared prompt."""
+        leader = self.leader
+        return (leader is not None and self.first_scheduled is None and not leader.is_finished
+                and leader.num_computed_tokens < leader.num_prompt_tokens)
 
     # ---- sizes ----------------------------------------------------------------------------------
     @property

@@ -44,6 +44,7 @@ _GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's Weyl increment (2**64 / golden ratio
 _GAMMA_STEP = 0xD1B54A32D192ED03  # another odd increment (a Weyl constant of Steele & Vigna): over steps
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # Stafford Mix13 multipliers
 _KEY_OFFSET = 0x2545F4914F6CDD1D  # keeps seed 0 off Mix13's fixed point 0
+_GAMMA_SIBLING = 0x8CB92BA72F3D8DD7  # odd Weyl increment (Steele & Vigna's table): over sibling indices
 
 
 def _signed(x: int) -> int:
@@ -68,6 +69,15 @@ def engine_noise_key(engine_seed: int, index: int) -> int:
     """The int64 noise key of the engine's ``index``-th request without a seed (odd pre-image: never a
     user seed's key)."""
     return _signed(mix64(2 * ((mix64(engine_seed) + index) % (1 << 63)) + 1 + _KEY_OFFSET))
+
+
+def sibling_key(key: int, index: int) -> int:
+    """The noise key of sibling ``index`` of an n > 1 request whose own key is ``key``: sibling 0 keeps
+    it (so it is the n = 1 completion), the others get Mix13 of the key advanced by ``index`` Weyl
+    steps, so each sibling is reproducible from the request's seed alone."""
+    if index == 0:
+        return key
+    return _signed(mix64(key + index * _GAMMA_SIBLING))
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,8 +18,11 @@ Policy, in ``schedule``:
   that cheap) — possibly the request itself. Never an error, never an allocation past the pool.
 - Then waiting requests, FCFS, while there are sequence slots, tokens and blocks (keeping a small
   watermark free). A new request starts after its longest cached prefix. The head of the queue is never
-  skipped, so nothing starves.
+  skipped, so nothing starves. The siblings of an n > 1 request (queued right behind their leader) are
+  admitted only once the leader has computed the prompt, so they start from its cached blocks: the
+  prompt's KV is computed once and shared by ref count (with the prefix cache off they do not wait).
 The queue is bounded: ``add_request`` past ``max_queue_size`` raises ``EngineOverloadedError``.
+One path finishes a sequence, ``_finish``: abort, stop strings, errors and token-level stops alike.
 """
 
 from __future__ import annotations
@@ -72,25 +75,29 @@ class Scheduler:
         self.preemption = Preemption(block_manager)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[tuple[str, int], Request] = {}  # live sequences by (request id, sibling index)
+        self.groups: dict[str, list[Request]] = {}  # live request id -> its sibling sequences
         self.num_computed_prompt_tokens = 0
         self.num_generated_tokens = 0
 
     # ---- queue -----------------------------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
-        if len(self.waiting) >= self.config.max_queue_size:
+    def add_request(self, siblings: list[Request]) -> None:
+        """Queue one request's sequences (n siblings, leader first), all or none."""
+        if len(self.waiting) + len(siblings) > self.config.max_queue_size:
             raise EngineOverloadedError(
-                f"engine overloaded: {len(self.waiting)} requests waiting (max_queue_size "
+                f"engine overloaded: {len(self.waiting)} sequences waiting (max_queue_size "
                 f"{self.config.max_queue_size}); retry later"
             )
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.groups[siblings[0].request_id] = siblings
+        for request in siblings:
+            self.requests[request.key] = request
+            self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     def finish_request(self, request: Request, reason: str, stop_reason=None, error: str | None = None) -> None:
-        """End ``request`` now (any state) and free its blocks."""
+        """End ``request`` now (any state, e.g. aborted or stopped by a stop string) and free its blocks."""
         if request.is_finished:
             return
         if request.status is RequestStatus.RUNNING:
@@ -98,12 +105,20 @@ class Scheduler:
         else:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(request)
+        self._finish(request, reason, stop_reason, error)
+
+    def _finish(self, request: Request, reason: str, stop_reason, error: str | None) -> None:
+        """The one place a sequence ends: blocks freed, status and reasons set, no longer live. The caller
+        has taken it out of ``running`` / ``waiting``."""
         self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
         request.error = error
-        self.requests.pop(request.request_id, None)
+        self.requests.pop(request.key, None)
+        group = self.groups.get(request.request_id)
+        if group is not None and all(r.is_finished for r in group):
+            del self.groups[request.request_id]
 
     # ---- schedule ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -143,6 +158,8 @@ class Scheduler:
         max_seqs = self.config.max_num_seqs
         while not out.preempted and self.waiting and len(self.running) < max_seqs and prefill_budget > 0:
             req = self.waiting[0]
+            if req.waits_for_leader and bm.enable_prefix_caching:
+                break  # FCFS: the siblings start once their shared prompt blocks are cached
             hits = bm.get_computed_blocks(req)
             num_hit = len(hits) * bm.block_size
             n = min(req.num_tokens - num_hit, prefill_budget)
@@ -187,10 +204,7 @@ class Scheduler:
             updated.append(req)
             stop = req.check_stop(token, self.max_model_len)
             if stop is not None:
-                bm.free(req)
-                req.status = RequestStatus.FINISHED
-                req.finish_reason, req.stop_reason = stop
-                self.requests.pop(req.request_id, None)
+                self._finish(req, *stop, error=None)
                 finished = True
         if finished:
             self.running = [r for r in self.running if not r.is_finished]

@@ -149,8 +149,9 @@ class RequestMetricsRecorder:
             registry=registry,
         )
 
-    def finished(self, output) -> None:
-        """Record a request the engine finished (its final RequestOutput)."""
+    def finished(self, output, count_prompt: bool = True) -> None:
+        """Record a sequence the engine finished (its final RequestOutput); ``count_prompt`` False for the
+        siblings after the first of an n > 1 request (the prompt ran once)."""
         m = output.metrics
         name = self.model_name
         if m is not None:
@@ -162,13 +163,15 @@ class RequestMetricsRecorder:
                 self.e2e.labels(name).observe(m.e2e_latency)
             if m.queue_time is not None:
                 self.queue.labels(name).observe(m.queue_time)
-        self.prompt_tokens.labels(name).inc(output.prompt_tokens)
+        if count_prompt:
+            self.prompt_tokens.labels(name).inc(output.prompt_tokens)
         self.generation_tokens.labels(name).inc(output.completion_tokens)
         self.success.labels(name, output.finish_reason or "unknown").inc()
 
-    def cancelled(self, prompt_tokens: int, completion_tokens: int) -> None:
-        """Record a request whose RPC ended (client cancel, deadline) before the engine finished it."""
+    def cancelled(self, prompt_tokens: int, completion_tokens: int, reason: str = "cancelled") -> None:
+        """Record a request whose RPC ended before the engine finished it; ``reason`` "cancelled" (the
+        client went away) or "deadline_exceeded" (its deadline passed)."""
         name = self.model_name
         self.prompt_tokens.labels(name).inc(prompt_tokens)
         self.generation_tokens.labels(name).inc(completion_tokens)
-        self.success.labels(name, "cancelled").inc()
+        self.success.labels(name, reason).inc()

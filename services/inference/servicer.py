@@ -14,8 +14,6 @@ import logging
 from importlib import metadata
 from pathlib import Path
 
-import grpc
-
 from internlm2.core import InternLM2ForCausalLM
 from internlm2.core.engine import (
     AsyncLLMEngine,
@@ -23,6 +21,7 @@ from internlm2.core.engine import (
     EngineConfig,
     EngineOverloadedError,
     SamplingParams,
+    StructuredOutput,
 )
 from internlm2.core.tokenizer import InternLM2Tokenizer
 from internlm2.v1 import inference_pb2, inference_pb2_grpc
@@ -46,6 +45,12 @@ def _version() -> str:
         return "0+unknown"
 
 
+def _deadline_passed(context) -> bool:
+    """Whether the call's deadline is what ended it (cancel and deadline both close the stream)."""
+    remaining = context.time_remaining() if context is not None else None
+    return remaining is not None and remaining <= 0
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """``engine``, ``tokenizer`` and ``model_info`` are set once loaded (ReadinessInterceptor guards)."""
 
@@ -58,33 +63,32 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     # ---- shared by Generate and GenerateStream ------------------------------------------------------
     def _prepare(self, request) -> tuple[str, Prompt, SamplingParams]:
+        """Id, prompt ids and (unvalidated) params: the engine validates them, once, when the call starts
+        (a duplicate live id included)."""
         request_id = request.request_id or current_request_id() or new_request_id()
         if not request.request_id and request_id in self.live:  # a client reusing its x-request-id
             request_id = new_request_id()
-        if request.request_id and request.request_id in self.live:
-            raise ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"request_id {request.request_id!r} is already running",
-                reason="DUPLICATE_REQUEST_ID",
-            )
         prompt = prompt_from_request(request, self.tokenizer)
-        params = sampling_from_proto(request.sampling, SamplingParams)
+        params = sampling_from_proto(request.sampling, SamplingParams, StructuredOutput)
         return request_id, prompt, params
 
-    async def _outputs(self, request_id: str, prompt: Prompt, params):
-        """The engine's deltas for one request, engine errors mapped to status codes. Closing this
-        generator early aborts the request in the engine."""
+    async def _outputs(self, request_id: str, prompt: Prompt, params, context):
+        """The engine's deltas for one request (all its siblings), engine errors mapped to status codes.
+        Closing this generator early aborts the request in the engine."""
+        ours = request_id not in self.live  # a duplicate's id stays the live original's
         self.live.add(request_id)
         completion_tokens = 0
-        finished = rejected = False
+        num_finished = finished_tokens = 0
+        rejected = False
         try:
             async with contextlib.aclosing(self.engine.generate(request_id, prompt.token_ids, params)) as stream:
                 try:
                     async for out in stream:
                         completion_tokens += len(out.new_token_ids)
                         if out.finished:
-                            finished = True
-                            self.recorder.finished(out)
+                            num_finished += 1
+                            finished_tokens += out.completion_tokens
+                            self.recorder.finished(out, count_prompt=out.index == 0)
                             if out.finish_reason == "error":
                                 log.error("engine failed request: %s", out.error)
                         yield out
@@ -98,23 +102,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     rejected = True
                     raise engine_error(exc, prompt.field) from None
         finally:
-            self.live.discard(request_id)
-            if not finished and not rejected:  # the RPC ended (cancel, deadline) before the engine did
-                self.recorder.cancelled(len(prompt.token_ids), completion_tokens)
+            if ours:
+                self.live.discard(request_id)
+            if num_finished < params.n and not rejected:  # the RPC ended (cancel, deadline) before the engine
+                reason = "deadline_exceeded" if _deadline_passed(context) else "cancelled"
+                log.info("request %s ended before it finished: %s", request_id, reason)
+                prompt_tokens = len(prompt.token_ids) if num_finished == 0 else 0
+                self.recorder.cancelled(prompt_tokens, completion_tokens - finished_tokens, reason)
 
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request, context):
         request_id, prompt, params = self._prepare(request)
-        completion = Completion(self.tokenizer, request_id, prompt.token_ids)
-        async with contextlib.aclosing(self._outputs(request_id, prompt, params)) as outputs:
+        completion = Completion(self.tokenizer, request_id, prompt.token_ids, n=params.n)
+        async with contextlib.aclosing(self._outputs(request_id, prompt, params, context)) as outputs:
             async for out in outputs:
                 completion.add(out)
         return completion.response()
 
     async def GenerateStream(self, request, context):
         request_id, prompt, params = self._prepare(request)
-        completion = Completion(self.tokenizer, request_id, prompt.token_ids)
-        async with contextlib.aclosing(self._outputs(request_id, prompt, params)) as outputs:
+        completion = Completion(self.tokenizer, request_id, prompt.token_ids, n=params.n)
+        async with contextlib.aclosing(self._outputs(request_id, prompt, params, context)) as outputs:
             async for out in outputs:
                 delta = completion.add(out)
                 if delta is not None:
@@ -124,7 +132,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Abort(self, request, context):
         if not request.request_id:
             raise ServiceError.invalid_argument("request_id", "must not be empty")
-        aborted = request.request_id in self.live and await self.engine.abort(request.request_id)
+        aborted = await self.engine.abort(request.request_id)
         return inference_pb2.AbortResponse(aborted=aborted)
 
     async def GetModelInfo(self, request, context):

@@ -127,22 +127,30 @@ def usage_from_pb(pb: common_pb2.Usage) -> t.Usage:
 
 # ---------------------------------------------------------------- inference
 
-_SCALAR_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "max_new_tokens",
-    "min_new_tokens",
-    "ignore_eos",
-    "logprobs",
-    "prompt_logprobs",
-    "skip_special_tokens",
-)
+def _scalar_fields(descriptor) -> tuple[str, ...]:
+    """The proto3 `optional` scalars of a message: they map 1:1 onto same-named SDK fields, so a new
+    sampling scalar needs no edit here (it comes from the generated descriptor)."""
+    return tuple(f.name for f in descriptor.fields if f.has_presence and f.message_type is None and not f.is_repeated)
+
+
+_SCALAR_SAMPLING_FIELDS = _scalar_fields(inference_pb2.SamplingParams.DESCRIPTOR)
+
+
+def structured_output_to_pb(value: t.StructuredOutput | Mapping[str, Any]) -> inference_pb2.StructuredOutput:
+    """StructuredOutput (or a dict of one of its keys) -> proto; a dict JSON schema is serialized.
+    Which kinds are set is left to the server to judge (it names the field)."""
+    so = t.StructuredOutput.coerce(value)
+    pb = inference_pb2.StructuredOutput()
+    if so.json_schema is not None:
+        schema = so.json_schema
+        pb.json_schema = schema if isinstance(schema, str) else json.dumps(dict(schema), ensure_ascii=False)
+    if so.regex is not None:
+        pb.regex = so.regex
+    if so.grammar is not None:
+        pb.grammar = so.grammar
+    if so.json_object is not None:
+        pb.json_object = so.json_object
+    return pb
 
 
 def sampling_to_pb(params: t.SamplingParams | None = None, **overrides: Any) -> inference_pb2.SamplingParams:
@@ -161,6 +169,8 @@ def sampling_to_pb(params: t.SamplingParams | None = None, **overrides: Any) -> 
     if values.get("stop_token_ids") is not None:
         pb.stop_token_ids.SetInParent()  # present even when empty: "no stop ids at all"
         pb.stop_token_ids.ids.extend(values["stop_token_ids"])
+    if values.get("structured_output") is not None:
+        pb.structured_output.CopyFrom(structured_output_to_pb(values["structured_output"]))
     return pb
 
 
@@ -208,6 +218,24 @@ def _metrics(pb: inference_pb2.RequestMetrics) -> t.RequestMetrics:
     )
 
 
+def _choice_from_pb(pb: inference_pb2.GenerateChoice, deltas: Sequence[t.GenerateDelta] = ()) -> t.GenerateChoice:
+    """A choice of a response, or (``deltas`` given) of a stream, whose final leaves text, ids and
+    logprobs to the deltas of its index."""
+    mine = [d for d in deltas if d.index == pb.index]
+    return t.GenerateChoice(
+        index=pb.index,
+        text=pb.text or "".join(d.text for d in mine),
+        token_ids=tuple(pb.token_ids) or tuple(i for d in mine for i in d.token_ids),
+        finish_reason=finish_reason_from_pb(pb.finish_reason),
+        stop_reason=pb.stop_reason,
+        logprobs=_logprobs(pb.logprobs) or tuple(lp for d in mine for lp in d.logprobs),
+        tool_calls=tuple(tool_call_from_pb(c) for c in pb.tool_calls),
+        raw_text=pb.raw_text,
+        content=pb.content,
+        completion_tokens=pb.completion_tokens,
+    )
+
+
 def generate_result_from_pb(pb: inference_pb2.GenerateResponse) -> t.GenerateResult:
     return t.GenerateResult(
         request_id=pb.request_id,
@@ -222,6 +250,7 @@ def generate_result_from_pb(pb: inference_pb2.GenerateResponse) -> t.GenerateRes
         raw_text=pb.raw_text,
         content=pb.content,
         metrics=_metrics(pb.metrics),
+        choices=tuple(_choice_from_pb(c) for c in pb.choices),
     )
 
 
@@ -231,26 +260,30 @@ def delta_from_pb(pb: inference_pb2.GenerateDelta) -> t.GenerateDelta:
         token_ids=tuple(pb.token_ids),
         logprobs=_logprobs(pb.logprobs),
         prompt_logprobs=_logprobs(pb.prompt_logprobs),
+        index=pb.index,
     )
 
 
 def result_from_stream(
     request_id: str, deltas: Sequence[t.GenerateDelta], final: inference_pb2.GenerateFinal
 ) -> t.GenerateResult:
-    """Folds a stream's deltas and its final message into the result Generate would return."""
+    """Folds a stream's deltas and its final message into the result Generate would return: the
+    top-level fields are sibling 0's (deltas of index 0), `choices` every sibling's."""
+    first = [d for d in deltas if d.index == 0]
     return t.GenerateResult(
         request_id=request_id,
-        text="".join(d.text for d in deltas),
-        token_ids=tuple(i for d in deltas for i in d.token_ids),
+        text="".join(d.text for d in first),
+        token_ids=tuple(i for d in first for i in d.token_ids),
         finish_reason=finish_reason_from_pb(final.finish_reason),
         stop_reason=final.stop_reason,
         usage=usage_from_pb(final.usage),
-        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+        logprobs=tuple(lp for d in first for lp in d.logprobs),
         prompt_logprobs=tuple(lp for d in deltas for lp in d.prompt_logprobs),
         tool_calls=tuple(tool_call_from_pb(c) for c in final.tool_calls),
         raw_text=final.raw_text,
         content=final.content,
         metrics=_metrics(final.metrics),
+        choices=tuple(_choice_from_pb(c, deltas) for c in final.choices),
     )
 
 

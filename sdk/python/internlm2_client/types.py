@@ -131,11 +131,30 @@ class Tool:
 # ---------------------------------------------------------------- generation
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output (inference.proto StructuredOutput); set exactly one of:
+    `json_schema` (a JSON Schema as a dict or JSON text), `regex` (the whole output matches it),
+    `grammar` (Lark syntax, `start` rule first) or `json_object=True` (any JSON object)."""
+
+    json_schema: Mapping[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @classmethod
+    def coerce(cls, value: StructuredOutput | Mapping[str, Any]) -> StructuredOutput:
+        """Accepts a StructuredOutput or a dict with one of its keys, e.g. {"regex": "[0-9]+"}."""
+        return value if isinstance(value, StructuredOutput) else cls(**dict(value))
+
+
 @dataclass
 class SamplingParams:
     """Sampling and stopping; None = the engine default (see inference.proto).
 
     `stop_token_ids=None` means the tokenizer's defaults; an empty list means none.
+    `n` sibling completions come back as `GenerateResult.choices` (streams: deltas carry `index`);
+    `structured_output` constrains the output (a StructuredOutput or a dict like {"regex": ...}).
     """
 
     temperature: float | None = None
@@ -154,6 +173,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool | None = None
+    n: int | None = None
+    structured_output: StructuredOutput | Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -197,18 +218,41 @@ class RequestMetrics:
 
 @dataclass(frozen=True)
 class GenerateDelta:
-    """Output produced since the previous delta of a stream."""
+    """Output produced since the previous delta of a stream; `index` is the sibling completion
+    (0 .. n-1) it extends."""
 
     text: str = ""
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class GenerateChoice:
+    """One of the n completions of a request (`index` 0 .. n-1)."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    stop_reason: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    raw_text: str = ""
+    content: str = ""
+    completion_tokens: int = 0
+
+    def as_message(self) -> ChatMessage:
+        """The assistant message to append to a chat history."""
+        return ChatMessage(role="assistant", content=self.content or self.text, tool_calls=self.tool_calls)
 
 
 @dataclass(frozen=True)
 class GenerateResult:
     """A finished generation. `content` is `text` without tool-call blocks; `raw_text`
-    keeps special tokens."""
+    keeps special tokens. `choices` has every sibling completion (sampling `n`), index order;
+    the top-level fields are choices[0]'s and `usage` counts the whole request."""
 
     request_id: str
     text: str
@@ -222,6 +266,7 @@ class GenerateResult:
     raw_text: str = ""
     content: str = ""
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    choices: tuple[GenerateChoice, ...] = ()
 
     def as_message(self) -> ChatMessage:
         """The assistant message to append to a chat history."""

@@ -76,7 +76,10 @@ class InferenceServiceServicer:
 
     def GenerateStream(self, request, context):
         """Generates a completion as a stream: zero or more `delta` messages, then exactly one
-        `final` message (finish reason, usage, tool calls), then the stream ends OK.
+        `final` message (finish reason, usage, tool calls), then the stream ends OK. With
+        sampling.n > 1 the deltas of the n siblings interleave, each tagged with its `index`, and
+        the one final message comes after the last sibling ended, with every sibling's ending in
+        `choices`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
