@@ -23,7 +23,7 @@ from internlm2.v1 import (
     tokenizer_pb2_grpc,
     training_pb2_grpc,
 )
-from internlm2_client import ChannelConfig
+from internlm2_client import ChannelConfig, RetryPolicy
 from internlm2_client.errors import from_rpc_error
 
 from .errors import ApiError, from_backend
@@ -42,6 +42,9 @@ _STUBS = {
     "reward": reward_pb2_grpc.RewardServiceStub,
     "training": training_pb2_grpc.TrainingServiceStub,
 }
+# A backend restarting or draining is retried briefly (before any response header, so never a stream
+# halfway); a model still loading answers 503 with Retry-After within about a second.
+BACKEND_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.1, max_backoff_s=0.5)
 # How long a fetched model description is trusted before it is asked for again.
 INFO_TTL_S = 30.0
 
@@ -88,6 +91,7 @@ class Backends:
                 client_key=self.tls.client_key,
                 server_name=self.tls.server_name,
                 token=self.token,
+                retry=BACKEND_RETRY,
             )
             self.configs[name] = config
             self.channels[name] = config.aio_channel()

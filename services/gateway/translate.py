@@ -91,6 +91,7 @@ def sampling_paths(max_tokens_param: str, logprobs_param: str, input_param: str)
             "input": input_param,
             "prompt": input_param,
             "token_ids": input_param,
+            "token_ids.ids": input_param,
             "request_id": "request",
         }
     )
