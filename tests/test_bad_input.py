@@ -10,6 +10,7 @@ by ``test_services_*.py`` / ``test_engine.py`` are not repeated here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from internlm2.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
     tokenizer_pb2,
     tokenizer_pb2_grpc,
     training_pb2,
@@ -111,7 +114,9 @@ def stubs(platform):
     yield {
         "inference": inference_pb2_grpc.InferenceServiceStub(channel),
         "tokenizer": tokenizer_pb2_grpc.TokenizerServiceStub(channel),
+        "reward": reward_pb2_grpc.RewardServiceStub(channel),
         "training": training_pb2_grpc.TrainingServiceStub(channel),
+        "channel": channel,
     }
     channel.close()
 
@@ -594,6 +599,205 @@ def test_a_rejected_submit_does_not_claim_its_idempotency_key(clients):
     submitted = clients["training"].submit_job([{"stage": "prepare_data", "config": PREPARE}], idempotency_key=key)
     assert submitted.created and submitted.job.idempotency_key == key
     assert clients["training"].cancel_job(submitted.job.job_id).state.name == "CANCELLED"
+
+
+# ---- JSON nested past the bound, on every RPC that reads JSON text -------------------------------------------
+# json.loads alone recurses once per level and fails with RecursionError (which was INTERNAL); the services
+# measure the depth first and refuse anything deeper than MAX_JSON_DEPTH, naming the field.
+DEEP_JSON = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+ONE_TOO_DEEP = "[" * 65 + "]" * 65
+
+
+def deep_tool(text=DEEP_JSON):
+    return common_pb2.Tool(name="f", parameters_json=text)
+
+
+def deep_call(text=DEEP_JSON):
+    return common_pb2.ChatMessage(role="assistant", tool_calls=[common_pb2.ToolCall(name="f", arguments_json=text)])
+
+
+def raw_stream(call, request):
+    return raw(lambda r, **kw: list(call(r, **kw)), request)
+
+
+def deep_json_cases(text: str, tag: str) -> list[Case]:
+    tool, called = deep_tool(text), deep_call(text)
+    conversation = common_pb2.Conversation(messages=[USER, called])
+    return [
+        Case(
+            f"{tag} tokenizer ApplyChatTemplate tools",
+            tok_raw("ApplyChatTemplate", messages=[USER], tools=[tool]),
+            "tools[0].parameters_json",
+        ),
+        Case(
+            f"{tag} tokenizer ApplyChatTemplate tool call",
+            tok_raw("ApplyChatTemplate", messages=[USER, called]),
+            "messages[1].tool_calls[0].arguments_json",
+        ),
+        Case(
+            f"{tag} tokenizer CountTokens tool call",
+            tok_raw("CountTokens", conversations=[conversation]),
+            "conversations[0].messages[1].tool_calls[0].arguments_json",
+        ),
+        Case(
+            f"{tag} inference Generate tools",
+            gen_raw(chat=chat(USER, tools=[tool])),
+            "chat.tools[0].parameters_json",
+        ),
+        Case(
+            f"{tag} inference Generate tool call",
+            gen_raw(chat=chat(USER, called)),
+            "chat.messages[1].tool_calls[0].arguments_json",
+        ),
+        Case(
+            f"{tag} inference GenerateStream tools",
+            lambda c, s: raw_stream(
+                s["inference"].GenerateStream, inference_pb2.GenerateStreamRequest(chat=chat(USER, tools=[tool]))
+            ),
+            "chat.tools[0].parameters_json",
+        ),
+        Case(
+            f"{tag} inference GenerateStream tool call",
+            lambda c, s: raw_stream(
+                s["inference"].GenerateStream, inference_pb2.GenerateStreamRequest(chat=chat(USER, called))
+            ),
+            "chat.messages[1].tool_calls[0].arguments_json",
+        ),
+        Case(
+            f"{tag} reward Score tool call",
+            lambda c, s: raw(s["reward"].Score, reward_pb2.ScoreRequest(conversations=[conversation])),
+            "conversations[0].messages[1].tool_calls[0].arguments_json",
+        ),
+        Case(
+            f"{tag} reward Compare tool call",
+            lambda c, s: raw(
+                s["reward"].Compare, reward_pb2.CompareRequest(prompt=[USER, called], response_a="a", response_b="b")
+            ),
+            "prompt[1].tool_calls[0].arguments_json",
+        ),
+        Case(
+            f"{tag} reward Rank tool call",
+            lambda c, s: raw(s["reward"].Rank, reward_pb2.RankRequest(prompt=[USER, called], responses=["a"])),
+            "prompt[1].tool_calls[0].arguments_json",
+        ),
+    ]
+
+
+@params(deep_json_cases(DEEP_JSON, "100,000 levels") + deep_json_cases(ONE_TOO_DEEP, "65 levels"))
+def test_json_nested_too_deep_is_invalid_naming_the_field(platform, clients, stubs, case):
+    error = expect(case, clients, stubs)
+    assert "levels" in error.message and "64" in error.message, error.message
+    assert_inference_still_serves(platform, clients)
+
+
+def test_json_nested_to_the_bound_is_accepted(clients):
+    """64 levels (the bound) still render: the check refuses only what it must."""
+    nested = "[" * 63 + "]" * 63  # the arguments object is level 1
+    call = {"name": "f", "arguments_json": json.dumps({"a": json.loads(nested)})}
+    rendered = clients["tokenizer"].apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    )
+    assert nested in rendered.text.replace(" ", "")
+
+
+# ---- bytes protobuf cannot parse ----------------------------------------------------------------------------
+MARK = "\u0001MARK"  # replaced on the wire by bytes that are not UTF-8, same length (framing stays valid)
+
+
+def corrupt(message) -> bytes:
+    data = message.SerializeToString()
+    assert data.count(b"\x01MARK") == 1
+    return data.replace(b"\x01MARK", b"\xff\xfeARK")
+
+
+def send_bytes(method: str, payload: bytes, *, stream: bool = False, metadata=AUTH):
+    def call(c, s):
+        make = s["channel"].unary_stream if stream else s["channel"].unary_unary
+        rpc = make(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            result = rpc(payload, timeout=30, metadata=metadata)
+            return list(result) if stream else result
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    return call
+
+
+UNDECODABLE_CASES = [
+    Case(
+        "tokenizer text not UTF-8",
+        send_bytes(
+            "/internlm2.v1.TokenizerService/Tokenize", corrupt(tokenizer_pb2.TokenizeRequest(texts=["a", MARK]))
+        ),
+        "texts[1]",
+    ),
+    Case(
+        "inference stream prompt not UTF-8",
+        send_bytes(
+            "/internlm2.v1.InferenceService/GenerateStream",
+            corrupt(inference_pb2.GenerateStreamRequest(prompt=MARK)),
+            stream=True,
+        ),
+        "prompt",
+    ),
+    Case(
+        "inference stop string not UTF-8",
+        send_bytes(
+            "/internlm2.v1.InferenceService/Generate",
+            corrupt(
+                inference_pb2.GenerateRequest(prompt="hi", sampling=inference_pb2.SamplingParams(stop=["x", MARK]))
+            ),
+        ),
+        "sampling.stop[1]",
+    ),
+    Case(
+        "reward nested role not UTF-8",
+        send_bytes(
+            "/internlm2.v1.RewardService/Score",
+            corrupt(
+                reward_pb2.ScoreRequest(
+                    conversations=[
+                        common_pb2.Conversation(messages=[USER]),
+                        common_pb2.Conversation(messages=[USER, common_pb2.ChatMessage(role=MARK)]),
+                    ]
+                )
+            ),
+        ),
+        "conversations[1].messages[1].role",
+    ),
+    Case(
+        "training stage name not UTF-8",
+        send_bytes(
+            "/internlm2.v1.TrainingService/SubmitJob",
+            corrupt(training_pb2.SubmitJobRequest(stages=[training_pb2.StageSpec(stage=MARK)])),
+        ),
+        "stages[0].stage",
+    ),
+    Case("truncated string", send_bytes("/internlm2.v1.TokenizerService/Tokenize", b"\x0a\x05ab"), "texts[0]"),
+    Case("a varint that never ends", send_bytes("/internlm2.v1.RewardService/Rank", b"\xff" * 12), None),
+]
+
+
+@params(UNDECODABLE_CASES)
+def test_undecodable_request_is_invalid_argument(platform, clients, stubs, case):
+    error = expect(case, clients, stubs)
+    if case.field is None:  # the message's own framing is broken: no field to name
+        assert "not a valid internlm2.v1." in error.message and error.reason == "MALFORMED_REQUEST", error.message
+    else:
+        assert error.violations[0].reason == "MALFORMED_FIELD", error.violations
+        assert ("UTF-8" in error.message) == ("UTF-8" in case.id), error.message
+    assert "Error" not in error.message  # no exception class names
+    assert_inference_still_serves(platform, clients)
+
+
+def test_undecodable_request_without_a_token_is_unauthenticated(clients, stubs):
+    case = Case(
+        "no token",
+        send_bytes("/internlm2.v1.TokenizerService/Tokenize", b"\xff" * 12, metadata=()),
+        None,
+        UnauthenticatedError,
+    )
+    expect(case, clients, stubs)
 
 
 # ---- auth ---------------------------------------------------------------------------------------------------

@@ -4,8 +4,12 @@ the field."""
 
 from __future__ import annotations
 
+import threading
+
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services_fixtures import BackgroundApp, tiny_checkpoints
 
 from internlm2.core import InternLM2ForRewardModel
@@ -92,6 +96,9 @@ def test_compare_and_rank_agree_with_the_scores(client, scorer):
         (lambda c: c.rank(PROMPT, []), "responses"),
         (lambda c: c.compare([{"role": "judge", "content": "x"}], "a", "b"), "prompt[0].role"),
         (lambda c: c.rank(PROMPT, ["ok", "word " * 3000]), "responses[1]"),
+        # Score refuses an empty conversation; a response without a prompt is the same thing.
+        (lambda c: c.compare([], "a", "b"), "prompt"),
+        (lambda c: c.rank([], ["a", "b"]), "prompt"),
     ],
     ids=[
         "no conversations",
@@ -100,6 +107,8 @@ def test_compare_and_rank_agree_with_the_scores(client, scorer):
         "nothing to rank",
         "unknown prompt role",
         "response too long",
+        "compare without a prompt",
+        "rank without a prompt",
     ],
 )
 def test_bad_input_names_the_field(client, call, field):
@@ -107,3 +116,49 @@ def test_bad_input_names_the_field(client, call, field):
         call(client)
     assert info.value.field == field
     assert len(client.score(CONVERSATIONS[:1])) == 1
+
+
+class GatedScorer:
+    """The real scorer, whose ``encode`` holds every call until ``gate`` opens: while it is closed a
+    Score request is provably still being worked on."""
+
+    def __init__(self, scorer):
+        self._scorer = scorer
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._scorer, name)
+
+    def encode(self, messages, condition=None):
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        return self._scorer.encode(messages, condition)
+
+
+def test_health_answers_while_a_large_score_request_is_being_encoded(checkpoint, scorer):
+    """Tokenizing runs off the event loop: health checks (and other calls' I/O) are answered while a
+    large Score request is still in its encoding phase. The request is held there by a gate, so
+    "still in progress" is a fact, not a race; on the old code the loop itself would be held and the
+    health check would hit its deadline."""
+    gated = GatedScorer(scorer)
+    app = GrpcApp(ServerConfig("reward", host="127.0.0.1", port=0), [RewardService(checkpoint, scorer=gated)])
+    server = BackgroundApp(app).start()
+    conversations = [[*PROMPT, {"role": "assistant", "content": f"answer {i} " * 50}] for i in range(1000)]
+    result: list = []
+    try:
+        with RewardClient(server.address, timeout=120) as client, grpc.insecure_channel(server.address) as channel:
+            scoring = threading.Thread(target=lambda: result.append(client.score(conversations)), daemon=True)
+            scoring.start()
+            assert gated.entered.wait(60), "the Score request never reached encoding"
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "internlm2.v1.RewardService"):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.SERVING
+            assert scoring.is_alive() and not result  # answered while the request was still being encoded
+            gated.gate.set()
+            scoring.join(120)
+        assert len(result) == 1 and len(result[0]) == len(conversations)
+    finally:
+        gated.gate.set()
+        server.stop()

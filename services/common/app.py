@@ -24,7 +24,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from .config import ServerConfig
-from .interceptors import AuthInterceptor, ErrorInterceptor, ReadinessInterceptor, RequestIdInterceptor
+from .interceptors import (
+    AuthInterceptor,
+    DecodeInterceptor,
+    ErrorInterceptor,
+    ReadinessInterceptor,
+    RequestIdInterceptor,
+)
 from .metrics import MetricsServer, RpcMetrics, new_registry
 from .tls import server_credentials
 
@@ -97,6 +103,7 @@ class GrpcApp:
         if self.config.auth_token:
             chain.append(AuthInterceptor(self.config.auth_token))
         chain.append(ReadinessInterceptor(self.is_ready, self._why_not_ready))
+        chain.append(DecodeInterceptor())
         return chain
 
     async def start(self) -> int:

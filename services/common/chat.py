@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from internlm2.v1 import common_pb2
 
 from .errors import ServiceError
-from .json_schema import schema_problem
+from .json_schema import JsonDepthError, load_json, schema_problem
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\[\d+\])?(?:\.[A-Za-z_][\w]*(?:\[\d+\])?)*): (.*)$", re.S)
@@ -35,11 +36,21 @@ def core_value_error(exc: Exception, prefix: str = "", default_field: str = "") 
     )
 
 
-def tool_call_from_proto(call: common_pb2.ToolCall, path: str) -> dict:
+def json_field(text: str, path: str, default: Any) -> Any:
+    """A JSON-text field of a request (``default`` when blank), with the nesting bound of
+    ``json_schema.load_json``; malformed or too deep -> INVALID_ARGUMENT naming ``path``."""
+    if not text.strip():
+        return default
     try:
-        arguments = json.loads(call.arguments_json) if call.arguments_json.strip() else {}
+        return load_json(text)
+    except JsonDepthError as exc:
+        raise ServiceError.invalid_argument(path, f"JSON {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ServiceError.invalid_argument(f"{path}.arguments_json", f"not valid JSON: {exc}") from None
+        raise ServiceError.invalid_argument(path, f"not valid JSON: {exc}") from None
+
+
+def tool_call_from_proto(call: common_pb2.ToolCall, path: str) -> dict:
+    arguments = json_field(call.arguments_json, f"{path}.arguments_json", {})
     if not isinstance(arguments, dict):
         raise ServiceError.invalid_argument(f"{path}.arguments_json", "must be a JSON object")
     if call.kind == common_pb2.TOOL_KIND_INTERPRETER:
@@ -76,10 +87,7 @@ def tools_from_proto(tools, prefix: str = "tools") -> list[dict]:
         path = f"{prefix}[{i}]"
         if not _TOOL_NAME.fullmatch(tool.name):
             raise ServiceError.invalid_argument(f"{path}.name", "must match [A-Za-z0-9_.-]+")
-        try:
-            parameters = json.loads(tool.parameters_json) if tool.parameters_json.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ServiceError.invalid_argument(f"{path}.parameters_json", f"not valid JSON: {exc}") from None
+        parameters = json_field(tool.parameters_json, f"{path}.parameters_json", {})
         if not isinstance(parameters, dict):
             raise ServiceError.invalid_argument(f"{path}.parameters_json", "must be a JSON Schema object")
         if problem := schema_problem(parameters):

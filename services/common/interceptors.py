@@ -8,6 +8,8 @@ coroutine or async-generator servicers alike). Order on the server, outermost fi
     ErrorInterceptor       ServiceError -> status + google.rpc.Status trailer; bugs -> INTERNAL
     AuthInterceptor        ``authorization: Bearer <token>`` (health exempt) -> UNAUTHENTICATED
     ReadinessInterceptor   UNAVAILABLE while the model loads and while draining (health exempt)
+    DecodeInterceptor      a request protobuf cannot parse -> INVALID_ARGUMENT naming the bad field
+                           (after auth: an unauthenticated caller learns nothing about its input)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import grpc
 
 from . import context as request_context
+from .decoding import UndecodableRequest, tolerant_deserializer
 from .errors import ServiceError
 
 log = logging.getLogger("internlm2.services.rpc")
@@ -32,20 +35,20 @@ REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.refl
 
 
 def _wrap(behavior: Callable, around: Callable, response_streaming: bool) -> Callable:
-    """``behavior`` run inside ``around(context)``, keeping its kind (grpc.aio dispatches on whether a
-    streaming behaviour is an async-generator function or a coroutine function)."""
+    """``behavior`` run inside ``around(request, context)``, keeping its kind (grpc.aio dispatches on
+    whether a streaming behaviour is an async-generator function or a coroutine function)."""
     if response_streaming and inspect.isasyncgenfunction(behavior):
 
         async def stream_wrapper(request, context):
             # aclosing: a cancelled call must run the servicer's cleanup (engine abort) now, not at GC.
-            async with around(context), contextlib.aclosing(behavior(request, context)) as responses:
+            async with around(request, context), contextlib.aclosing(behavior(request, context)) as responses:
                 async for response in responses:
                     yield response
 
         return stream_wrapper
 
     async def wrapper(request, context):
-        async with around(context):
+        async with around(request, context):
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
@@ -54,7 +57,11 @@ def _wrap(behavior: Callable, around: Callable, response_streaming: bool) -> Cal
     return wrapper
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Callable) -> grpc.RpcMethodHandler | None:
+def wrap_handler(
+    handler: grpc.RpcMethodHandler | None, around: Callable, request_deserializer: Callable | None = None
+) -> grpc.RpcMethodHandler | None:
+    """``handler`` with its behaviour run inside ``around(request, context)`` (and, if given, another
+    request deserializer)."""
     if handler is None:
         return None
     if handler.unary_unary:
@@ -67,7 +74,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Callable) -> grp
         kind, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
     return kind(
         _wrap(behavior, around, handler.response_streaming),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -87,7 +94,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if not self.applies_to(method):
             return handler
-        return wrap_handler(handler, lambda context: self.around(method, context))
+        return wrap_handler(handler, lambda request, context: self.around(method, context))
 
 
 def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -221,3 +228,23 @@ class ReadinessInterceptor(CallInterceptor):
         if not self.is_ready():
             raise ServiceError.unavailable(self.why_not(), reason="NOT_READY")
         yield
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Requests protobuf cannot parse (bad UTF-8 in a string, truncated or corrupt bytes) are refused
+    with INVALID_ARGUMENT naming the field, instead of the UNKNOWN gRPC answers when a deserializer
+    raises. Innermost, so auth and readiness are answered first; streamed requests (none in this
+    API) keep gRPC's own handling."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        return wrap_handler(handler, _refuse_undecodable, tolerant_deserializer(handler.request_deserializer))
+
+
+@contextlib.asynccontextmanager
+async def _refuse_undecodable(request, context):
+    if isinstance(request, UndecodableRequest):
+        raise request.error()
+    yield

@@ -1,8 +1,10 @@
 """RewardServicer: conversations in, ``RewardScorer`` scores out (HF ``get_score`` semantics).
 
-The model runs on one dedicated thread: concurrent calls queue there instead of racing on the
-model, and the event loop stays free for health checks and cancellation. Each call's batch is
-scored in one go by the scorer (length-sorted, padded batches).
+Nothing heavy runs on the event loop, which must stay free for health checks and cancellation:
+turning the request into messages (JSON of tool calls included) and tokenizing run in a worker
+thread (``asyncio.to_thread``), and the model runs on one dedicated thread, where concurrent calls
+queue instead of racing on the model. Each call's batch is scored in one go by the scorer
+(length-sorted, padded batches).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +91,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 f"{length} tokens (reward token included) leave no room in the model's context of {self.max_len}",
             )
 
-    async def _score(self, conversations: list[Candidate], condition: str | None):
-        sequences = self._encode(conversations, condition)
+    async def _score(self, candidates: Callable[[], list[Candidate]], condition: str | None):
+        """Builds the request's candidates and tokenizes them in a worker thread, then scores them on
+        the model's thread; the event loop only waits."""
+        sequences = await asyncio.to_thread(lambda: self._encode(candidates(), condition))
         loop = asyncio.get_running_loop()
         scores = await loop.run_in_executor(self._executor, self.scorer.score_ids, sequences)
         return scores, [len(s) for s in sequences]
@@ -97,26 +102,32 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def Score(self, request, context):
         if not request.conversations:
             raise ServiceError.invalid_argument("conversations", "at least one conversation is required")
-        convs = [
-            Candidate(
-                f"conversations[{i}]",
-                messages_from_proto(c.messages, f"conversations[{i}].messages"),
-                prefix=f"conversations[{i}]",
-            )
-            for i, c in enumerate(request.conversations)
-        ]
+
+        def candidates():
+            return [
+                Candidate(
+                    f"conversations[{i}]",
+                    messages_from_proto(c.messages, f"conversations[{i}].messages"),
+                    prefix=f"conversations[{i}]",
+                )
+                for i, c in enumerate(request.conversations)
+            ]
+
         condition = request.condition if request.HasField("condition") else None
-        scores, counts = await self._score(convs, condition)
+        scores, counts = await self._score(candidates, condition)
         return reward_pb2.ScoreResponse(scores=scores, token_counts=counts)
 
     async def Compare(self, request, context):
-        prompt = messages_from_proto(request.prompt, "prompt", required=False)
-        convs = [
-            _with_response(prompt, "response_a", request.response_a),
-            _with_response(prompt, "response_b", request.response_b),
-        ]
+        def candidates():
+            # A response is judged as the answer to a prompt: an empty prompt is refused as in Score.
+            prompt = messages_from_proto(request.prompt, "prompt")
+            return [
+                _with_response(prompt, "response_a", request.response_a),
+                _with_response(prompt, "response_b", request.response_b),
+            ]
+
         condition = request.condition if request.HasField("condition") else None
-        (a, b), _ = await self._score(convs, condition)
+        (a, b), _ = await self._score(candidates, condition)
         if a > b:
             preferred = reward_pb2.PREFERENCE_A
         elif b > a:
@@ -128,10 +139,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def Rank(self, request, context):
         if not request.responses:
             raise ServiceError.invalid_argument("responses", "at least one response is required")
-        prompt = messages_from_proto(request.prompt, "prompt", required=False)
-        convs = [_with_response(prompt, f"responses[{i}]", text) for i, text in enumerate(request.responses)]
+
+        def candidates():
+            prompt = messages_from_proto(request.prompt, "prompt")
+            return [_with_response(prompt, f"responses[{i}]", text) for i, text in enumerate(request.responses)]
+
         condition = request.condition if request.HasField("condition") else None
-        scores, _ = await self._score(convs, condition)
+        scores, _ = await self._score(candidates, condition)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
         return reward_pb2.RankResponse(order=order, scores=scores)
 

@@ -1,7 +1,8 @@
 """TokenizerServicer: protobuf in, ``InternLM2Tokenizer`` calls, protobuf out.
 
-Encoding runs in a worker thread (sentencepiece releases the GIL) so a large batch never stalls the
-event loop that also answers health checks.
+Encoding, and turning request messages into the core's dicts (tool JSON included), run in a worker
+thread (sentencepiece releases the GIL) so a large batch never stalls the event loop that also
+answers health checks.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return tokenizer_pb2.DetokenizeResponse(texts=await asyncio.to_thread(run))
 
     async def ApplyChatTemplate(self, request, context):
-        messages = messages_from_proto(request.messages)
-        tools = tools_from_proto(request.tools) or None
         add_generation_prompt = _flag(request, "add_generation_prompt", True)
 
         def run():
+            messages = messages_from_proto(request.messages)
+            tools = tools_from_proto(request.tools) or None
             text = self.tok.apply_chat_template(messages, add_generation_prompt, tools)
             return text, self.tok.encode_chat(messages, add_generation_prompt, tools)
 
@@ -81,11 +82,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             raise ServiceError.invalid_argument("texts", "give at least one text or conversation")
         add_bos = _flag(request, "add_bos", True)
         add_generation_prompt = _flag(request, "add_generation_prompt", True)
-        conversations = [
-            messages_from_proto(c.messages, f"conversations[{i}].messages") for i, c in enumerate(request.conversations)
-        ]
 
         def run():
+            conversations = [
+                messages_from_proto(c.messages, f"conversations[{i}].messages")
+                for i, c in enumerate(request.conversations)
+            ]
             texts = [len(self.tok.encode(t, add_bos=add_bos)) for t in request.texts]
             convs = []
             for i, messages in enumerate(conversations):
