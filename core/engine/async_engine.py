@@ -53,7 +53,10 @@ class AsyncLLMEngine:
         consuming task aborts the request.
         """
         params = params if params is not None else SamplingParams()
-        prompt = self.engine.validate_request(request_id, prompt_token_ids, params)
+        if params.structured_output is not None:  # compiling a new grammar may take a while: not on the loop
+            prompt = await asyncio.to_thread(self.engine.validate_request, request_id, prompt_token_ids, params)
+        else:
+            prompt = self.engine.validate_request(request_id, prompt_token_ids, params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._cond:

@@ -26,6 +26,7 @@ from .request import Request
 from .runner import ModelRunner
 from .sampler import Sampler, engine_noise_key, noise_key, sibling_key
 from .scheduler import Scheduler
+from .structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(mc, num_blocks, config.block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
-        self.sampler = Sampler(self.device)
+        self.structured = StructuredOutputs(tokenizer, self.vocab_size)
+        self.sampler = Sampler(self.device, self.structured)
         self.runner = ModelRunner(model, self.kv_cache, config, self.max_model_len, self.sampler)
         self.output_processor = OutputProcessor(tokenizer)
         if tokenizer is not None:
@@ -113,8 +115,25 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need an engine with a tokenizer")
         if params.structured_output is not None:
-            raise InvalidRequestError("structured_output", "is not supported by this engine yet")
+            self._validate_structured(params)
         return prompt
+
+    def _validate_structured(self, params: SamplingParams) -> None:
+        """A constrained request must be able to end, and its spec must compile (slow the first time for
+        a spec: AsyncLLMEngine calls validate_request off its engine thread; the result is cached)."""
+        if params.min_new_tokens:
+            raise InvalidRequestError(
+                "min_new_tokens", "cannot be combined with structured_output (the grammar decides where it ends)"
+            )
+        if not self._end_token_ids(params):
+            raise InvalidRequestError(
+                "structured_output", "needs an end token: ignore_eos or empty stop_token_ids leave none"
+            )
+        self.structured.compile(params.structured_output)
+
+    def _end_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        return eos | frozenset(params.stop_token_ids or ())
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
                     params: SamplingParams | None = None) -> None:
@@ -138,6 +157,9 @@ class LLMEngine:
             Request(request_id, prompt, params, self.eos_token_ids, sibling_key(key, i), index=i, leader=leader)
             for i in range(1, params.n)
         ]
+        if params.structured_output is not None:
+            for req in siblings:  # compiled already (validate_request): a cache hit
+                req.structured = self.structured.matcher(params.structured_output, self._end_token_ids(params))
         self.scheduler.add_request(siblings)  # may raise EngineOverloadedError
         for req in siblings:
             self.output_processor.add(req)

@@ -3,6 +3,7 @@
     logits (S, V) fp32 -> [logprobs of the raw distribution]
                        -> penalties (repetition over prompt+output, presence/frequency over output)
                        -> stop ids masked while min_new_tokens is unmet
+                       -> grammar bitmask on the constrained rows (structured output)
                        -> greedy rows: argmax | other rows: / temperature -> top-k -> top-p -> min-p
                           -> sample by the exponential race argmax(p / E), E = -log u
                              u[b, v] = hash(noise_key_b, step_b, v): counter-based, one draw per batch
@@ -170,8 +171,9 @@ class Sampler:
     """Samples one token per row. Stateless but for a cache: the noise comes from each request's
     ``noise_key`` and output count, so nothing here depends on what was sampled before."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, structured=None):
         self.device = device
+        self.structured = structured  # structured.StructuredOutputs: bitmasks of constrained rows
         self._offsets: torch.Tensor | None = None  # int64 arange((V + 1) // 2) * GAMMA for counter_uniform
 
     def _vocab_offsets(self, vocab: int, device: torch.device) -> torch.Tensor:
@@ -196,6 +198,13 @@ class Sampler:
             ids = sorted(t for t in r.eos_token_ids | r.stop_token_ids if t < vocab)
             if ids:
                 logits[i, ids] = float("-inf")
+
+        constrained = [i for i, r in enumerate(requests) if r.structured is not None]
+        if constrained:
+            from .structured import apply_bitmask
+
+            mask = self.structured.bitmask([requests[i].structured for i in constrained])
+            apply_bitmask(logits, constrained, mask)
 
         greedy = [p.temperature == 0.0 for p in params]
         if all(greedy):

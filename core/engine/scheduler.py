@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .errors import EngineOverloadedError
+from .outputs import ERROR
 from .params import EngineConfig
 from .request import Request, RequestStatus
 
@@ -202,6 +203,11 @@ class Scheduler:
             req.append_token(token, now)
             self.num_generated_tokens += 1
             updated.append(req)
+            if req.structured is not None and not req.structured.accept_token(token):
+                # Cannot happen with the bitmask applied; never let a constrained output go off its grammar.
+                self._finish(req, ERROR, None, error=f"token {token} does not fit the structured output grammar")
+                finished = True
+                continue
             stop = req.check_stop(token, self.max_model_len)
             if stop is not None:
                 self._finish(req, *stop, error=None)

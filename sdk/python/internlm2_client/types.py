@@ -135,7 +135,7 @@ class Tool:
 class StructuredOutput:
     """A constraint on the output (inference.proto StructuredOutput); set exactly one of:
     `json_schema` (a JSON Schema as a dict or JSON text), `regex` (the whole output matches it),
-    `grammar` (Lark syntax, `start` rule first) or `json_object=True` (any JSON object)."""
+    `grammar` (EBNF in the GBNF dialect, start rule `root`) or `json_object=True` (any JSON object)."""
 
     json_schema: Mapping[str, Any] | str | None = None
     regex: str | None = None
