@@ -18,8 +18,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services_fixtures import BackgroundApp, make_certificates, tiny_checkpoints, wait_for
 
 from internlm2.services.common import GrpcApp, ServerConfig
+from internlm2.services.common.app import Service
+from internlm2.services.common.interceptors import final_code
 from internlm2.services.common.logs import JsonFormatter
 from internlm2.services.tokenizer import TokenizerService
+from internlm2.v1 import inference_pb2, inference_pb2_grpc
 from internlm2_client import (
     InvalidArgumentError,
     ResourceExhaustedError,
@@ -311,6 +314,87 @@ def test_unhandled_exception_is_internal_without_leaking_text(tokenizer_dir):
         with TokenizerClient(server.address, retry=None) as client, pytest.raises(errors.InternalError) as info:
             client.tokenize(["x"])
         assert "secret" not in info.value.message and "request id" in info.value.message
+    finally:
+        server.stop()
+
+
+class EndlessStream(inference_pb2_grpc.InferenceServiceServicer):
+    """A GenerateStream that never ends by itself: every call ends by its deadline or a cancel."""
+
+    async def GenerateStream(self, request, context):
+        while True:
+            yield inference_pb2.GenerateStreamResponse(request_id=request.request_id)
+            await asyncio.sleep(0.005)
+
+
+class EndlessService(Service):
+    service_name = "internlm2.v1.InferenceService"
+
+    def add_to_server(self, server) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(EndlessStream(), server)
+
+
+class _Context:
+    """What final_code reads of a finished call."""
+
+    def __init__(self, remaining, code=None):
+        self._remaining, self._code = remaining, code
+
+    def time_remaining(self):
+        return self._remaining
+
+    def code(self):
+        return self._code
+
+
+@pytest.mark.parametrize(
+    "error,remaining,expected",
+    [
+        # gRPC's deadline timer fired a hair before Python's clock reached the deadline (seen: 0.1-3 ms).
+        (asyncio.CancelledError(), 0.0004, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (GeneratorExit(), 0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (asyncio.CancelledError(), 5.0, grpc.StatusCode.CANCELLED),
+        (asyncio.CancelledError(), None, grpc.StatusCode.CANCELLED),
+        # the servicer noticed the deadline and returned: the client got DEADLINE_EXCEEDED all the same
+        (None, 0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (None, 3.0, grpc.StatusCode.OK),
+        (None, None, grpc.StatusCode.OK),
+    ],
+)
+def test_final_code_tells_a_deadline_from_a_cancel(error, remaining, expected):
+    assert final_code(_Context(remaining), error) == expected
+
+
+def test_streams_that_hit_their_deadline_are_recorded_as_deadline_exceeded(caplog):
+    server = BackgroundApp(GrpcApp(_config(), [EndlessService()])).start()
+    method = "/internlm2.v1.InferenceService/GenerateStream"
+    registry = server.app.registry
+
+    def handled(code: str) -> float:
+        labels = {"service": "tokenizer", "grpc_method": method, "grpc_code": code}
+        return registry.get_sample_value("internlm2:grpc_server_handled_total", labels) or 0.0
+
+    runs = 12
+    try:
+        with caplog.at_level(logging.INFO, logger="internlm2.services.rpc"):
+            with grpc.insecure_channel(server.address) as channel:
+                stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                for i in range(runs):
+                    with pytest.raises(grpc.RpcError) as info:
+                        for _ in stub.GenerateStream(
+                            inference_pb2.GenerateStreamRequest(request_id=f"d{i}"), timeout=0.2
+                        ):
+                            pass
+                    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                cancelled = stub.GenerateStream(inference_pb2.GenerateStreamRequest(request_id="c"), timeout=60)
+                next(cancelled)
+                cancelled.cancel()
+            assert wait_for(
+                lambda: server.call(lambda: handled("DEADLINE_EXCEEDED") + handled("CANCELLED")) == runs + 1
+            )
+        assert server.call(lambda: (handled("DEADLINE_EXCEEDED"), handled("CANCELLED"))) == (runs, 1)
+        logged = [r.fields["code"] for r in caplog.records if getattr(r, "fields", {}).get("method") == method]
+        assert sorted(logged) == ["CANCELLED"] + ["DEADLINE_EXCEEDED"] * runs
     finally:
         server.stop()
 

@@ -97,11 +97,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, lambda request, context: self.around(method, context))
 
 
+# A server learns only THAT a call was cancelled, not why. gRPC's deadline timer (its own clock) can
+# fire a fraction of a millisecond before ``time_remaining()`` (Python's clock) reaches zero, so a
+# call cancelled this close to its deadline is counted as having hit it; a client's own cancellation
+# that close to its deadline is indistinguishable from it anyway.
+DEADLINE_SLACK_S = 0.05
+
+
 def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     """The status a finished call ended with, as far as the server can tell."""
+    remaining = context.time_remaining()
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     code = context.code()
@@ -109,6 +116,10 @@ def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -
         return code
     if error is not None and not isinstance(error, grpc.aio.AbortError):
         return grpc.StatusCode.UNKNOWN
+    if remaining is not None and remaining <= 0:
+        # The servicer returned (say, after noticing context.done()) once the deadline had passed:
+        # gRPC had already ended the call with DEADLINE_EXCEEDED, whatever the servicer did after.
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.OK
 
 
