@@ -345,6 +345,14 @@ BAD_REQUESTS = [
         "chat.tools[0].name",
     ),
     ("logprobs too many", {"prompt": "hi", "logprobs": 99}, "sampling.logprobs"),
+    ("n 0", {"prompt": "hi", "n": 0}, "sampling.n"),
+    ("n too many", {"prompt": "hi", "n": 1000}, "sampling.n"),
+    ("bad regex", {"prompt": "hi", "structured_output": {"regex": "(ab"}}, "sampling.structured_output.regex"),
+    ("bad schema", {"prompt": "hi", "structured_output": {"json_schema": '{"type": 7}'}},
+     "sampling.structured_output.json_schema"),
+    ("bad grammar", {"prompt": "hi", "structured_output": {"grammar": "root ::= nowhere"}},
+     "sampling.structured_output.grammar"),
+    ("no structured kind", {"prompt": "hi", "structured_output": {}}, "sampling.structured_output"),
 ]
 
 
@@ -414,3 +422,74 @@ def test_vllm_style_metrics(server, client, checkpoint):
         assert float(value.split()[-1]) > 0, name
     assert f'internlm2:request_success_total{{finished_reason="length",{label}}}' in text
     assert f'internlm2:request_success_total{{finished_reason="cancelled",{label}}}' in text
+
+
+# ---- n > 1 and structured output -----------------------------------------------------------------------------
+def test_n_choices_share_one_prompt_and_count_it_once(server, client):
+    result = client.generate("Tell me three things", n=3, seed=4, max_new_tokens=6, ignore_eos=True)
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    assert all(len(c.token_ids) == 6 == c.completion_tokens for c in result.choices)
+    assert result.token_ids == result.choices[0].token_ids and result.text == result.choices[0].text
+    assert result.usage.completion_tokens == 18
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 18
+    single = client.generate("Tell me three things", seed=4, max_new_tokens=6, ignore_eos=True)
+    assert single.token_ids == result.choices[0].token_ids and len(single.choices) == 1
+
+    with client.generate_stream("Tell me three things", n=3, seed=4, max_new_tokens=6, ignore_eos=True) as stream:
+        deltas = list(stream)
+        streamed = stream.result()
+    assert {d.index for d in deltas} == {0, 1, 2}
+    assert [c.token_ids for c in streamed.choices] == [c.token_ids for c in result.choices]
+    assert [c.text for c in streamed.choices] == [c.text for c in result.choices]
+    assert streamed.usage == result.usage
+    assert_engine_idle(server)
+
+
+def test_json_schema_output_through_the_service(server, client):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    result = client.generate("Answer in JSON", n=2, seed=1, max_new_tokens=40,
+                             structured_output={"json_schema": schema})
+    for choice in result.choices:
+        assert choice.finish_reason == FinishReason.EOS
+        jsonschema.validate(json.loads(choice.text), schema)
+    regex = client.generate("A code", seed=2, max_new_tokens=20, structured_output={"regex": "[A-Z]{2}[0-9]{2}"})
+    assert regex.finish_reason == FinishReason.EOS and len(regex.text) == 4 and regex.text[:2].isupper()
+    assert_engine_idle(server)
+
+
+def test_engine_metrics_after_requests(server, client, checkpoint):
+    """vLLM's prefix-cache, preemption, prefill/decode-time, iteration-token and cache-config metrics, read
+    from the live /metrics after real requests (the same prompt twice: the second hits the cache)."""
+    prompt = "a prompt long enough to fill a few KV blocks " * 4
+    for _ in range(2):
+        client.generate(prompt, max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    with pytest.raises(DeadlineExceededError):
+        client.generate("Too slow", timeout=0.4, **LONG)
+    assert_engine_idle(server)
+    url = f"http://127.0.0.1:{server.app.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    label = f'model_name="{checkpoint.name}"'
+
+    def value(sample: str) -> float:
+        return float(next(line for line in text.splitlines() if line.startswith(sample + " ")).split()[-1])
+
+    queries = value(f"internlm2:prefix_cache_queries_total{{{label}}}")
+    hits = value(f"internlm2:prefix_cache_hits_total{{{label}}}")
+    assert queries > hits > 0
+    assert value(f"internlm2:num_preemptions_total{{{label}}}") >= 0
+    for name in ("internlm2:request_prefill_time_seconds", "internlm2:request_decode_time_seconds"):
+        assert value(f"{name}_count{{{label}}}") >= 2, name
+    steps = value(f'internlm2:iteration_tokens_total_bucket{{le="+Inf",{label}}}')
+    assert steps >= 6 and value(f"internlm2:iteration_tokens_total_sum{{{label}}}") >= steps
+    info = next(line for line in text.splitlines() if line.startswith("internlm2:cache_config_info{"))
+    assert 'num_gpu_blocks="1024"' in info and 'enable_prefix_caching="True"' in info and info.endswith(" 1.0")
+    assert value(f'internlm2:request_success_total{{finished_reason="deadline_exceeded",{label}}}') >= 1

@@ -9,6 +9,8 @@ Not thread-safe: one thread drives it (``AsyncLLMEngine`` runs it on its own thr
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from .block_manager import BlockManager
 from .errors import DuplicateRequestError, InvalidRequestError
 from .kv_cache import PagedKVCache, plan_num_blocks
 from .output_processor import OutputProcessor
-from .outputs import CANCELLED, ERROR, EngineStats, RequestOutput
+from .outputs import CANCELLED, ERROR, ITERATION_TOKENS_BUCKETS, EngineStats, RequestOutput
 from .params import EngineConfig, SamplingParams
 from .request import Request
 from .runner import ModelRunner
@@ -65,6 +67,8 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # final outputs of requests ended between steps
         self._times = {"schedule": 0.0, "execute": 0.0, "update": 0.0}
         self._num_steps = 0
+        self._iteration_tokens = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)  # per bucket, last = above all
+        self._iteration_tokens_sum = 0
         self._num_unseeded = 0  # requests added without a seed: the index of their noise key
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_graphs(config.graph_batch_sizes())
@@ -197,6 +201,8 @@ class LLMEngine:
         if sched.is_empty:
             self._times["schedule"] += t1 - t0
             return outputs
+        self._iteration_tokens[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, sched.total_tokens)] += 1
+        self._iteration_tokens_sum += sched.total_tokens
         try:
             sampled = self.runner.execute(sched)
         except Exception as exc:  # a failed step must not take the engine down with it
@@ -271,6 +277,9 @@ class LLMEngine:
             prepare_time_s=self.runner.prepare_time,
             block_size=self.config.block_size,
             max_model_len=self.max_model_len,
+            iteration_tokens_buckets=tuple(itertools.accumulate(self._iteration_tokens)),
+            iteration_tokens_sum=self._iteration_tokens_sum,
+            enable_prefix_caching=self.config.enable_prefix_caching,
         )
 
 

@@ -33,6 +33,8 @@ class RequestMetrics:
     e2e_latency: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    prefill_time: float | None = None  # first scheduled -> first token (final outputs)
+    decode_time: float | None = None  # first token -> last token (final outputs)
 
 
 @dataclass(slots=True)
@@ -97,3 +99,12 @@ class EngineStats:
     prepare_time_s: float = 0.0
     block_size: int = 16
     max_model_len: int = 0
+    # Tokens scheduled per step, as a cumulative histogram: counts of steps with <= each bound of
+    # ITERATION_TOKENS_BUCKETS (vLLM's iteration_tokens_total), their sum and number.
+    iteration_tokens_buckets: tuple[int, ...] = ()
+    iteration_tokens_sum: int = 0
+    enable_prefix_caching: bool = True
+
+
+# Upper bounds of the tokens-per-step histogram (vLLM's layout; +Inf is implied).
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)

@@ -200,6 +200,9 @@ class Request:
         m.num_cached_tokens = self.num_cached_tokens
         m.num_preemptions = self.num_preemptions
         if final:
+            if self.first_token is not None and self.first_scheduled is not None:
+                m.prefill_time = self.first_token - self.first_scheduled
+                m.decode_time = self.last_token - self.first_token
             m.inter_token_latencies = list(self.inter_token_latencies)
             m.e2e_latency = (now if now is not None else time.perf_counter()) - self.arrival
         return m

@@ -1,14 +1,16 @@
 """The engine's Prometheus metrics, named like vLLM's (``vllm:`` -> ``internlm2:``) so its dashboards
 and KEDA queries carry over.
 
-Gauges are read from ``engine.stats()`` when Prometheus scrapes (no background polling); request
-histograms and token counters are recorded once per finished request from its engine timings.
+Gauges, the engine's cumulative counters (prefix cache queries / hits, preemptions), the tokens-per-step
+histogram and the cache config are read from ``engine.stats()`` when Prometheus scrapes (no background
+polling, nothing recorded on the engine thread); request histograms and token counters are recorded once
+per finished sequence from its engine timings.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 # vLLM's bucket layouts (vllm/v1/metrics/loggers.py).
@@ -83,7 +85,11 @@ REQUEST_LATENCY_BUCKETS = (
 
 
 class EngineStatsCollector(Collector):
-    """``internlm2:num_requests_running`` / ``_waiting`` / ``kv_cache_usage_perc`` (0..1) at scrape."""
+    """At scrape: ``internlm2:num_requests_running`` / ``_waiting`` / ``kv_cache_usage_perc`` (0..1) /
+    ``num_kv_cache_free_blocks`` gauges; ``prefix_cache_queries_total`` / ``prefix_cache_hits_total``
+    (prompt tokens looked up in / served by the prefix cache) and ``num_preemptions_total`` counters;
+    ``iteration_tokens_total`` (a histogram of tokens scheduled per engine step); ``cache_config_info``
+    (1, with the KV cache's settings as labels)."""
 
     def __init__(self, engine_getter, model_name: str):
         self.engine_getter = engine_getter
@@ -104,6 +110,37 @@ class EngineStatsCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=labels)
             family.add_metric([self.model_name], float(value))
             yield family
+        for name, doc, value in (
+            ("internlm2:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             stats.prefix_cache_queried_tokens),
+            ("internlm2:prefix_cache_hits", "Prompt tokens served by the prefix cache.", stats.prefix_cache_hit_tokens),
+            ("internlm2:num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).",
+             stats.num_preemptions),
+        ):
+            family = CounterMetricFamily(name, doc, labels=labels)
+            family.add_metric([self.model_name], float(value))
+            yield family
+        if stats.iteration_tokens_buckets:
+            from internlm2.core.engine.outputs import ITERATION_TOKENS_BUCKETS
+
+            bounds = [*(str(float(b)) for b in ITERATION_TOKENS_BUCKETS), "+Inf"]
+            family = HistogramMetricFamily("internlm2:iteration_tokens_total", "Tokens scheduled per engine step.",
+                                           labels=labels)
+            family.add_metric([self.model_name], list(zip(bounds, stats.iteration_tokens_buckets)),
+                              sum_value=float(stats.iteration_tokens_sum))
+            yield family
+        config = getattr(getattr(engine, "engine", None), "config", None)
+        info = {
+            "block_size": str(stats.block_size),
+            "num_gpu_blocks": str(stats.num_total_blocks),
+            "enable_prefix_caching": str(stats.enable_prefix_caching),
+            "max_model_len": str(stats.max_model_len),
+            "gpu_memory_utilization": str(getattr(config, "kv_cache_memory_fraction", "")),
+        }
+        family = GaugeMetricFamily("internlm2:cache_config_info", "Settings of the KV cache (value 1).",
+                                   labels=[*labels, *info])
+        family.add_metric([self.model_name, *info.values()], 1.0)
+        yield family
 
 
 class RequestMetricsRecorder:
@@ -140,6 +177,20 @@ class RequestMetricsRecorder:
             buckets=REQUEST_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.prefill_time = Histogram(
+            "internlm2:request_prefill_time_seconds",
+            "First schedule to first token (the prompt's prefill).",
+            labels,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.decode_time = Histogram(
+            "internlm2:request_decode_time_seconds",
+            "First token to last token (the decode phase).",
+            labels,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.prompt_tokens = Counter("internlm2:prompt_tokens", "Prompt tokens processed.", labels, registry=registry)
         self.generation_tokens = Counter("internlm2:generation_tokens", "Tokens generated.", labels, registry=registry)
         self.success = Counter(
@@ -163,6 +214,10 @@ class RequestMetricsRecorder:
                 self.e2e.labels(name).observe(m.e2e_latency)
             if m.queue_time is not None:
                 self.queue.labels(name).observe(m.queue_time)
+            if m.prefill_time is not None:
+                self.prefill_time.labels(name).observe(m.prefill_time)
+            if m.decode_time is not None:
+                self.decode_time.labels(name).observe(m.decode_time)
         if count_prompt:
             self.prompt_tokens.labels(name).inc(output.prompt_tokens)
         self.generation_tokens.labels(name).inc(output.completion_tokens)
