@@ -52,6 +52,7 @@ This file imports no torch, Celery or Redis: the training service imports it to 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -76,6 +77,7 @@ __all__ = [
     "StageConfig",
     "StageConfigError",
     "StageContext",
+    "StageFenced",
     "StageInputs",
     "StageOutput",
     "format_loc",
@@ -106,6 +108,11 @@ class StageConfigError(ValueError):
 
 class StageCancelled(Exception):
     """Raised inside a stage when its job was cancelled; the stage ends as CANCELLED, not FAILED."""
+
+
+class StageFenced(RuntimeError):
+    """Raised by a channel's ``fence()`` when this run of a stage is stale (a newer run of the same
+    stage owns it): the run must not commit and should stop."""
 
 
 def format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
@@ -210,6 +217,8 @@ class StageChannel(Protocol):
 
     ``emit`` receives JSON-safe dicts with a ``"type"`` of ``progress``, ``metrics``, ``log``,
     ``artifact`` or ``checkpoint``; ``cancel_requested`` is polled, so it must be cheap.
+    Optional: ``fence()``, a context manager held while a checkpoint is committed that raises
+    :class:`StageFenced` when this run no longer owns the stage (the runtime's channels have one).
     """
 
     def emit(self, event: dict[str, Any]) -> None: ...
@@ -368,9 +377,11 @@ class StageContext:
             return
         if not (self.checkpoint_dir / tag).is_dir():
             raise FileNotFoundError(f"checkpoint {tag!r} not found in {self.checkpoint_dir}")
-        tmp = self.checkpoint_dir / ".latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, self.checkpoint_dir / "latest")
+        fence = getattr(self.channel, "fence", None)
+        with fence() if fence is not None else contextlib.nullcontext():  # a stale run never commits
+            tmp = self.checkpoint_dir / ".latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.checkpoint_dir / "latest")
         self.channel.emit({"type": "checkpoint", "tag": tag, "path": str(self.checkpoint_dir / tag)})
 
     # ---- inputs -------------------------------------------------------------------------------

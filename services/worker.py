@@ -1,16 +1,16 @@
 """``internlm2 serve worker``: a Celery worker for the training stages, with Prometheus metrics.
 
-The app (broker, queues, acks/visibility settings, the stage task) is the plugins runtime's
-``make_app``; this module only chooses the pool and exposes task counters. Tasks supervise a
-training subprocess rather than train in the worker, so ``solo`` (concurrency 1, the default for a
-GPU worker) or ``threads`` pools suffice and keep the metrics in one process.
+The worker itself is the runtime's one factory (``internlm2.plugins.runtime.worker.run_worker``,
+settings from ``RuntimeSettings.from_env`` plus the flags); this module parses the flags and exposes
+task counters. Tasks supervise a training subprocess rather than train in the worker, so ``solo``
+(concurrency 1, the default for a GPU worker) or ``threads`` pools suffice and keep the metrics in
+one process.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -52,25 +52,6 @@ class WorkerMetrics:
         task_postrun.connect(on_postrun, weak=False)
 
 
-def worker_argv(queues: str, concurrency: int) -> list[str]:
-    pool = "solo" if concurrency == 1 else "threads"
-    return [
-        "worker",
-        "-Q",
-        queues,
-        "-c",
-        str(concurrency),
-        "-P",
-        pool,
-        "--loglevel",
-        "INFO",
-        "-n",
-        f"internlm2-{os.getpid()}@{socket.gethostname()}",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-
-
 def serve(args) -> int:
     redis_url = getattr(args, "redis_url", None) or os.environ.get(REDIS_ENV)
     if not redis_url:
@@ -81,9 +62,10 @@ def serve(args) -> int:
     queues = getattr(args, "queues", None) or "gpu"
     configure_logging("worker", getattr(args, "log_level", None) or "INFO")
 
-    from internlm2.plugins.runtime.celery_app import RuntimeSettings, make_app
+    from internlm2.plugins.runtime.settings import RuntimeSettings
+    from internlm2.plugins.runtime.worker import run_worker
 
-    app = make_app(redis_url, RuntimeSettings.from_env())
+    settings = RuntimeSettings.from_env(redis_url=redis_url, work_dir=getattr(args, "work_dir", None))
     metrics_server = None
     metrics_port = getattr(args, "metrics_port", DEFAULT_METRICS_PORT)
     if metrics_port:  # the CLI's 0 = off
@@ -92,10 +74,11 @@ def serve(args) -> int:
         metrics_server = MetricsServer(registry, getattr(args, "host", None) or "0.0.0.0", metrics_port)
     log.info(
         "worker starting",
-        extra={"fields": {"queues": queues, "concurrency": concurrency, "metrics_port": metrics_port or None}},
+        extra={"fields": {"queues": queues, "concurrency": concurrency, "metrics_port": metrics_port or None,
+                          "lease_ttl_s": settings.lease_ttl_s}},
     )
     try:
-        app.worker_main(worker_argv(queues, concurrency))
+        run_worker(settings, queues, concurrency)
     finally:
         if metrics_server is not None:
             metrics_server.close()

@@ -162,6 +162,7 @@ def test_services_and_rpcs_are_the_shared_contract():
             "ListJobs",
             "CancelJob",
             "WatchJob",
+            "RetryJob",
         ],
     }
     stream = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].methods_by_name["GenerateStream"]

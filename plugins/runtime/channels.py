@@ -5,23 +5,67 @@
 ``RedisChannel`` (Kubernetes pods): events are pushed to a Redis list the supervisor drains; cancel
                  is the job's cancel key.
 Both are described by a JSON-safe spec so the supervisor can hand one to a process it launches.
+
+Fencing: each run knows its ``attempt`` (the launch number the lease was taken with). Before it
+moves the ``latest`` checkpoint pointer, ``StageContext.commit_checkpoint`` holds ``channel.fence()``,
+which raises :class:`~internlm2.plugins.contract.StageFenced` unless this run is still the newest:
+``FileChannel`` compares with the token file its supervisor wrote under an exclusive ``flock`` (the
+supervisor of a newer run rewrites it under the same lock before starting it); ``RedisChannel``
+compares with the stage's fence key in Redis. A stale copy can therefore never commit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..contract import StageFenced
+
+
+def write_fence(path: str | os.PathLike, attempt: int) -> None:
+    """Make ``attempt`` the only run of a stage allowed to commit (the supervisor, before launch)."""
+    with open(path, "a+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(attempt))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def file_fence(path: str | os.PathLike, attempt: int) -> Iterator[None]:
+    """Held while a run commits: the token file names this attempt, and no newer run can take over
+    until the commit is done (``write_fence`` waits for the lock)."""
+    with open(path, "a+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        current = f.read().strip()
+        if current != str(attempt):
+            raise StageFenced(f"attempt {attempt} is stale (the stage's fence names attempt {current or '?'})")
+        yield
+
 
 class FileChannel:
-    def __init__(self, events: str | os.PathLike, cancel: str | os.PathLike):
+    def __init__(self, events: str | os.PathLike, cancel: str | os.PathLike,
+                 fence: str | os.PathLike | None = None, attempt: int = 0):
         self.events_path = Path(events)
         self.cancel_path = Path(cancel)
+        self.fence_path = Path(fence) if fence else None
+        self.attempt = attempt
         self._lock = threading.Lock()
+
+    def fence(self) -> contextlib.AbstractContextManager[None]:
+        if self.fence_path is None:
+            return contextlib.nullcontext()
+        return file_fence(self.fence_path, self.attempt)
 
     def emit(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, allow_nan=True) + "\n"
@@ -33,7 +77,8 @@ class FileChannel:
         return self.cancel_path.exists()
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "file", "events": str(self.events_path), "cancel": str(self.cancel_path)}
+        return {"type": "file", "events": str(self.events_path), "cancel": str(self.cancel_path),
+                "fence": str(self.fence_path) if self.fence_path else "", "attempt": self.attempt}
 
 
 class FileTail:
@@ -58,12 +103,21 @@ class FileTail:
 
 
 class RedisChannel:
-    def __init__(self, url: str, events_key: str, cancel_key: str):
+    def __init__(self, url: str, events_key: str, cancel_key: str, fence_key: str = "", attempt: int = 0):
         import redis
 
         self.r = redis.Redis.from_url(url, decode_responses=True)
         self.url, self.events_key, self.cancel_key = url, events_key, cancel_key
+        self.fence_key, self.attempt = fence_key, attempt
         self._checked_at, self._cancelled = 0.0, False
+
+    @contextlib.contextmanager
+    def fence(self) -> Iterator[None]:
+        if self.fence_key:
+            current = self.r.get(self.fence_key)
+            if current != str(self.attempt):
+                raise StageFenced(f"attempt {self.attempt} is stale (the stage's fence names attempt {current})")
+        yield
 
     def emit(self, event: dict[str, Any]) -> None:
         self.r.rpush(self.events_key, json.dumps(event, allow_nan=True))
@@ -77,12 +131,15 @@ class RedisChannel:
         return self._cancelled
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "redis", "url": self.url, "events": self.events_key, "cancel": self.cancel_key}
+        return {"type": "redis", "url": self.url, "events": self.events_key, "cancel": self.cancel_key,
+                "fence": self.fence_key, "attempt": self.attempt}
 
 
 def channel_from_spec(spec: dict[str, Any]) -> FileChannel | RedisChannel:
     if spec["type"] == "file":
-        return FileChannel(spec["events"], spec["cancel"])
+        return FileChannel(spec["events"], spec["cancel"], spec.get("fence") or None, spec.get("attempt", 0))
     if spec["type"] == "redis":
-        return RedisChannel(spec["url"], spec["events"], spec["cancel"])
+        # Pods get the URL (with a password from a Secret) from their environment, never from the spec.
+        url = spec.get("url") or os.environ["REDIS_URL"]
+        return RedisChannel(url, spec["events"], spec["cancel"], spec.get("fence", ""), spec.get("attempt", 0))
     raise ValueError(f"unknown channel type {spec['type']!r}")

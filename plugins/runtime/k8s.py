@@ -1,59 +1,125 @@
-"""Multi-node stages: a Kubernetes indexed Job + headless Service, built with the ``kubernetes``
-client models, and the supervisor that follows it.
+"""Multi-node stages on Kubernetes: the stage-pod settings, the manifests, RBAC_RULES and the launcher.
 
-Objects (all named ``il2-<job>-<stage index>-<attempt>``, labelled ``internlm2/job``):
-    ConfigMap  the run spec (``run.json``) every pod reads
-    Service    headless (clusterIP None, publishNotReadyAddresses): stable DNS
-               ``<name>-<i>.<name>`` for pod i, so rank 0's address is known before it is ready
-    Job        completionMode Indexed, completions = parallelism = num_nodes, backoffLimit 0 (the
-               runtime's lease/attempt logic decides about restarts); pod i runs
-               ``torchrun --nnodes N --node-rank $JOB_COMPLETION_INDEX --master-addr <name>-0.<name>``
-               on ``python -m internlm2.plugins.runtime.launch``
-Events come back through Redis (``RedisChannel``), so pods need REDIS_URL; outputs go to a shared
-volume (a PVC mounted at the same path as the workers' work dir).
+Stage-pod settings: ONE YAML file, path in ``INTERNLM2_K8S_STAGE_POD`` (``RuntimeSettings.k8s_stage_pod``;
+the chart mounts it at ``/etc/internlm2/stage-pod/stage-pod.yaml``), keys as in docs/CONTRACTS
+(:class:`StagePodSettings`): namespace, image, pull policy/secrets, serviceAccountName, the
+artifacts / models / data claims, redis {url, passwordSecret}, security contexts, scheduling
+(nodeSelector, tolerations, affinity, runtimeClassName, priorityClassName), resources, shmSize,
+kueueQueue, labels, annotations.
+
+:func:`build_manifests` makes, for run ``attempt`` of stage ``index`` (all named
+``il2-<job>-<index>-<attempt>``, labelled ``internlm2/job``):
+    ConfigMap  the run spec (``run.json``) every pod reads — no secret in it
+    Service    headless (publishNotReadyAddresses): ``<name>-0.<name>`` is rank 0's address
+    Job        Indexed, completions = parallelism = num_nodes, backoffLimit 0 (the runtime's lease
+               decides about restarts); pod i runs ``torchrun --node-rank $JOB_COMPLETION_INDEX``
+               on ``python -m internlm2.plugins.runtime.launch``; with ``kueueQueue`` it is created
+               suspended and labelled ``kueue.x-k8s.io/queue-name`` for gang admission.
+Pods reach Redis (events, cancel, fence) with ``REDIS_URL``, whose password comes only from a
+``secretKeyRef`` (``$(REDIS_PASSWORD)`` is expanded by the kubelet).
+
+:data:`RBAC_RULES` lists every API call :class:`KubernetesLauncher` makes (the chart's Role covers it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import time
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client as k8s
 
-from .launch import run_spec
+from .launchers import LAUNCH_MODULE
+from .records import Job
+from .runspec import run_spec
+from .settings import RuntimeSettings
+from .store import RedisStore
 
-LAUNCH_MODULE = "internlm2.plugins.runtime.launch"
 RENDEZVOUS_PORT = 29500
-SPEC_DIR = "/etc/internlm2"
+SPEC_DIR = "/etc/internlm2/run"
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+RBAC_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["create", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs/status"], "verbs": ["get"]},
+]
 
 
 @dataclass(frozen=True)
-class ClusterSettings:
-    namespace: str = "default"
-    image: str = "internlm2-platform:latest"
-    pvc_name: str | None = None  # shared volume holding the job work dir
-    mount_path: str = "/data"
-    service_account: str | None = None
+class StagePodSettings:
+    namespace: str
+    image: str
+    imagePullPolicy: str = "IfNotPresent"
+    imagePullSecrets: list[dict[str, str]] = field(default_factory=list)
+    serviceAccountName: str | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    redis: dict[str, Any] = field(default_factory=dict)
+    podSecurityContext: dict[str, Any] = field(default_factory=dict)
+    securityContext: dict[str, Any] = field(default_factory=dict)
+    nodeSelector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] = field(default_factory=dict)
+    runtimeClassName: str | None = None
+    priorityClassName: str | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
+    shmSize: str | None = None
+    kueueQueue: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> StagePodSettings:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown stage-pod keys {sorted(unknown)}")
+        for key in ("namespace", "image"):
+            if not data.get(key):
+                raise ValueError(f"{path}: {key} is required")
+        return cls(**data)
 
 
 def resource_name(job_id: str, index: int, attempt: int) -> str:
     return f"il2-{job_id[:16].lower()}-{index}-{attempt}"
 
 
-def build_manifests(name: str, run_spec: dict[str, Any], launch: dict[str, Any], cluster: ClusterSettings,
-                    env: dict[str, str]) -> list[Any]:
-    """[ConfigMap, Service, Job] as kubernetes client model objects."""
+def _claim_volume(name: str, claim: dict[str, Any]) -> tuple[Any, Any]:
+    ro = bool(claim.get("readOnly", False))
+    return (k8s.V1Volume(name=name, persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                claim_name=claim["claimName"], read_only=ro or None)),
+            k8s.V1VolumeMount(name=name, mount_path=claim["mountPath"], read_only=ro or None))
+
+
+def _redis_env(pod: StagePodSettings) -> list[Any]:
+    redis = pod.redis or {}
+    env = []
+    secret = redis.get("passwordSecret")
+    if secret:  # must precede REDIS_URL so that $(REDIS_PASSWORD) expands in it
+        env.append(k8s.V1EnvVar(name="REDIS_PASSWORD", value_from=k8s.V1EnvVarSource(
+            secret_key_ref=k8s.V1SecretKeySelector(name=secret["name"], key=secret["key"]))))
+    if redis.get("url"):
+        env.append(k8s.V1EnvVar(name="REDIS_URL", value=redis["url"]))
+    return env
+
+
+def build_manifests(name: str, spec: dict[str, Any], launch: dict[str, Any], pod: StagePodSettings) -> list[Any]:
+    """[ConfigMap, Service, Job] (kubernetes client models) for one multi-node run."""
     nodes = int(launch.get("num_nodes", 1))
     nproc = int(launch.get("nproc_per_node", 1))
     gpus = int(launch.get("gpus_per_node", 0))
-    labels = {"app.kubernetes.io/name": "internlm2-stage", "internlm2/job": run_spec["job_id"][:63],
-              "internlm2/stage": run_spec["name"][:63]}
-    meta = k8s.V1ObjectMeta(name=name, namespace=cluster.namespace, labels=labels)
+    labels = {**pod.labels, "app.kubernetes.io/name": "internlm2-stage", "app.kubernetes.io/component": "stage",
+              "internlm2/job": spec["job_id"][:63], "internlm2/stage": spec["name"][:63]}
+    job_labels = {**labels, **({KUEUE_LABEL: pod.kueueQueue} if pod.kueueQueue else {})}
+    meta = k8s.V1ObjectMeta(name=name, namespace=pod.namespace, labels=labels, annotations=pod.annotations or None)
     config_map = k8s.V1ConfigMap(api_version="v1", kind="ConfigMap", metadata=meta,
-                                 data={"run.json": json.dumps(run_spec)})
+                                 data={"run.json": json.dumps(spec)})
     service = k8s.V1Service(
         api_version="v1", kind="Service", metadata=meta,
         spec=k8s.V1ServiceSpec(
@@ -67,35 +133,51 @@ def build_manifests(name: str, run_spec: dict[str, Any], launch: dict[str, Any],
         "--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={name}-0.{name}",
         f"--master-port={RENDEZVOUS_PORT}", "-m", LAUNCH_MODULE, f"{SPEC_DIR}/run.json",
     ]
-    env_vars = [k8s.V1EnvVar(name=k, value=v) for k, v in sorted({**env, **launch.get("env", {})}.items())]
-    env_vars.append(k8s.V1EnvVar(name="JOB_COMPLETION_INDEX", value_from=k8s.V1EnvVarSource(
+    env = _redis_env(pod)
+    env += [k8s.V1EnvVar(name=k, value=v) for k, v in sorted(launch.get("env", {}).items())]
+    env.append(k8s.V1EnvVar(name="JOB_COMPLETION_INDEX", value_from=k8s.V1EnvVarSource(
         field_ref=k8s.V1ObjectFieldSelector(
             field_path="metadata.annotations['batch.kubernetes.io/job-completion-index']"))))
-    mounts = [k8s.V1VolumeMount(name="run-spec", mount_path=SPEC_DIR, read_only=True)]
     volumes = [k8s.V1Volume(name="run-spec", config_map=k8s.V1ConfigMapVolumeSource(name=name))]
-    if cluster.pvc_name:
-        mounts.append(k8s.V1VolumeMount(name="work", mount_path=cluster.mount_path))
-        volumes.append(k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=cluster.pvc_name)))
+    mounts = [k8s.V1VolumeMount(name="run-spec", mount_path=SPEC_DIR, read_only=True)]
+    for vol_name, claim in (("artifacts", pod.artifacts), ("models", pod.models), ("data", pod.data)):
+        if claim:
+            volume, mount = _claim_volume(vol_name, claim)
+            volumes.append(volume)
+            mounts.append(mount)
     # /dev/shm for NCCL and dataloaders: the container default (64 MiB) is too small.
+    volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
+        medium="Memory", size_limit=pod.shmSize)))
     mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
-    volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")))
-    resources = k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": str(gpus)}) if gpus else None
+    resources = {k: dict(v) for k, v in (pod.resources or {}).items()}
+    if gpus:
+        for part in ("requests", "limits"):
+            resources.setdefault(part, {})["nvidia.com/gpu"] = str(gpus)
+    # Hardening and scheduling come as the chart's own dicts (camelCase); the client serialises
+    # dicts as they are, so they pass through unchanged.
     container = k8s.V1Container(
-        name="stage", image=launch.get("image") or cluster.image, command=command, env=env_vars,
-        volume_mounts=mounts, resources=resources,
+        name="stage", image=launch.get("image") or pod.image, image_pull_policy=pod.imagePullPolicy,
+        command=command, env=env, volume_mounts=mounts, resources=resources or None,
+        security_context=pod.securityContext or None,
         ports=[k8s.V1ContainerPort(container_port=RENDEZVOUS_PORT, name="rendezvous")],
     )
+    pod_spec = k8s.V1PodSpec(
+        restart_policy="Never", subdomain=name, containers=[container], volumes=volumes,
+        service_account_name=pod.serviceAccountName, automount_service_account_token=False,
+        image_pull_secrets=pod.imagePullSecrets or None, node_selector=pod.nodeSelector or None,
+        runtime_class_name=pod.runtimeClassName, priority_class_name=pod.priorityClassName,
+        security_context=pod.podSecurityContext or None, tolerations=pod.tolerations or None,
+        affinity=pod.affinity or None,
+    )
     job = k8s.V1Job(
-        api_version="batch/v1", kind="Job", metadata=meta,
+        api_version="batch/v1", kind="Job",
+        metadata=k8s.V1ObjectMeta(name=name, namespace=pod.namespace, labels=job_labels,
+                                  annotations=pod.annotations or None),
         spec=k8s.V1JobSpec(
             completion_mode="Indexed", completions=nodes, parallelism=nodes, backoff_limit=0,
-            ttl_seconds_after_finished=3600,
+            ttl_seconds_after_finished=3600, suspend=True if pod.kueueQueue else None,
             template=k8s.V1PodTemplateSpec(
-                metadata=k8s.V1ObjectMeta(labels=labels),
-                spec=k8s.V1PodSpec(restart_policy="Never", subdomain=name, containers=[container],
-                                   volumes=volumes, service_account_name=cluster.service_account),
-            ),
+                metadata=k8s.V1ObjectMeta(labels=labels, annotations=pod.annotations or None), spec=pod_spec),
         ),
     )
     return [config_map, service, job]
@@ -107,76 +189,74 @@ def to_dicts(objects: list[Any]) -> list[dict[str, Any]]:
     return [api.sanitize_for_serialization(o) for o in objects]
 
 
-def cluster_settings_from_env() -> ClusterSettings:
-    import os
+class KubernetesRun:
+    def __init__(self, store: RedisStore, events_key: str, name: str, namespace: str, nodes: int, attempt: int):
+        self.store, self.events_key, self.name, self.namespace = store, events_key, name, namespace
+        self.nodes, self.attempt = nodes, attempt
+        self.core, self.batch = k8s.CoreV1Api(), k8s.BatchV1Api()
+        self._deleted = False
 
-    return ClusterSettings(
-        namespace=os.environ.get("INTERNLM2_K8S_NAMESPACE", "default"),
-        image=os.environ.get("INTERNLM2_K8S_IMAGE", ClusterSettings.image),
-        pvc_name=os.environ.get("INTERNLM2_K8S_PVC"),
-        mount_path=os.environ.get("INTERNLM2_K8S_MOUNT", ClusterSettings.mount_path),
-        service_account=os.environ.get("INTERNLM2_K8S_SERVICE_ACCOUNT"),
-    )
-
-
-def supervise_kubernetes(store, job, index: int, claim, settings, cluster: ClusterSettings | None = None):
-    """Create the objects, follow the Job (events from Redis, lease heartbeat, cancel), delete them,
-    and finish the stage. Needs cluster credentials (in-cluster or kubeconfig). The pods see the
-    job's cancel key themselves; the Job is deleted ``cancel_grace_s`` after a cancel at the latest."""
-    from kubernetes import config as k8s_config
-
-    from .channels import RedisChannel
-    from .records import JobState
-
-    cluster = cluster or cluster_settings_from_env()
-    try:
-        k8s_config.load_incluster_config()
-    except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
-    st = job.stages[index]
-    launch = st.config.get("launch", {})
-    name = resource_name(job.job_id, index, claim.attempt)
-    channel = RedisChannel(store.redis_url, store._k("stage-events", job.job_id, index, claim.attempt),
-                           store._k("cancel", job.job_id))
-    spec = run_spec(job_id=job.job_id, name=st.name, stage=st.stage, index=index, attempt=claim.attempt,
-                    config=st.config, output_dir=st.output_dir, inputs=store.stage_inputs(job, index),
-                    channel=channel.spec())
-    cm, svc, kjob = build_manifests(name, spec, launch, cluster, {"REDIS_URL": store.redis_url})
-    core, batch = k8s.CoreV1Api(), k8s.BatchV1Api()
-    core.create_namespaced_config_map(cluster.namespace, cm)
-    core.create_namespaced_service(cluster.namespace, svc)
-    batch.create_namespaced_job(cluster.namespace, kjob)
-    result, last_beat, cancel_at = None, 0.0, None
-    try:
-        while result is None:
-            events = [json.loads(e) for e in (channel.r.lpop(channel.events_key, 256) or [])]
-            result = next((e for e in events if e["type"] == "result"), None)
-            if not store.record(job.job_id, index, claim.token, [e for e in events if e["type"] != "result"]):
-                return None
-            status = batch.read_namespaced_job_status(name, cluster.namespace).status
-            if result is None and ((status.failed or 0) > 0 or (status.succeeded or 0) >= launch.get("num_nodes", 1)):
-                break
-            now = time.monotonic()
-            if now - last_beat > settings.lease_ttl_s / 3:
-                if not store.heartbeat(job.job_id, index, claim.token, settings.lease_ttl_s):
-                    return None
-                last_beat = now
-            if cancel_at is None and store.cancel_requested(job.job_id):
-                cancel_at = now
-            if cancel_at is not None and now - cancel_at > settings.cancel_grace_s:
-                result = {"state": "CANCELLED", "error": "deleted after cancel", "metrics": {}}
-            time.sleep(max(1.0, settings.poll_s))
-    finally:
-        for delete in (lambda: batch.delete_namespaced_job(name, cluster.namespace,
-                                                            propagation_policy="Foreground"),
-                       lambda: core.delete_namespaced_service(name, cluster.namespace),
-                       lambda: core.delete_namespaced_config_map(name, cluster.namespace)):
-            with contextlib.suppress(Exception):  # already gone
-                delete()
-    if result is not None:
-        state, error, metrics = JobState(result["state"]), result["error"], result["metrics"]
-    else:
-        state, error, metrics = JobState.FAILED, f"kubernetes job {name} failed", {}
-    if not store.finish_stage(job.job_id, index, claim.token, state, error, metrics):
+    def poll(self) -> int | None:
+        status = self.batch.read_namespaced_job_status(self.name, self.namespace).status
+        if (status.failed or 0) > 0:
+            return 1
+        if (status.succeeded or 0) >= self.nodes:
+            return 0
         return None
-    return state
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.store.pop_list(self.events_key, 256)]
+
+    def request_cancel(self) -> None:
+        """Pods see the job's cancel key themselves."""
+
+    def signal(self, sig: int) -> None:
+        grace = 0 if sig == signal.SIGKILL else None
+        with contextlib.suppress(Exception):  # already gone
+            self.batch.delete_namespaced_job(self.name, self.namespace, propagation_policy="Foreground",
+                                             grace_period_seconds=grace)
+
+    def wait(self, timeout: float) -> bool:
+        return True  # the API server deletes the pods; nothing of ours to reap
+
+    def close(self) -> list[dict[str, Any]]:
+        if not self._deleted:
+            self._deleted = True
+            self.signal(signal.SIGTERM)
+            for delete in (self.core.delete_namespaced_service, self.core.delete_namespaced_config_map):
+                with contextlib.suppress(Exception):
+                    delete(self.name, self.namespace)
+        return []
+
+    def failure(self, rc: int) -> str:
+        return f"kubernetes job {self.name} failed (see its pods' logs)"
+
+
+class KubernetesLauncher:
+    def __init__(self, pod: StagePodSettings, store: RedisStore):
+        self.pod, self.store = pod, store
+
+    @classmethod
+    def from_settings(cls, settings: RuntimeSettings) -> KubernetesLauncher:
+        return cls(StagePodSettings.load(settings.k8s_stage_pod), RedisStore(settings.redis_url))
+
+    def start(self, job: Job, index: int, attempt: int) -> KubernetesRun:
+        from kubernetes import config as k8s_config
+
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config()
+        st = job.stages[index]
+        launch = st.config.get("launch", {})
+        name = resource_name(job.job_id, index, attempt)
+        events_key = self.store.stage_events_key(job.job_id, index, attempt)
+        channel = {"type": "redis", "url": "", "events": events_key, "cancel": self.store.cancel_key(job.job_id),
+                   "fence": self.store.fence_key(job.job_id, index), "attempt": attempt}
+        cm, svc, kjob = build_manifests(name, run_spec(job, index, attempt, channel), launch, self.pod)
+        run = KubernetesRun(self.store, events_key, name, self.pod.namespace, int(launch.get("num_nodes", 1)),
+                            attempt)
+        run.core.create_namespaced_config_map(self.pod.namespace, cm)
+        run.core.create_namespaced_service(self.pod.namespace, svc)
+        run.batch.create_namespaced_job(self.pod.namespace, kjob)
+        return run

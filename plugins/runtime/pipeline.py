@@ -4,13 +4,21 @@ Every problem is collected and reported at once in a :class:`StageConfigError` w
 place in the request: ``stages[1].stage`` (unknown plugin), ``stages[0].config.lr`` (schema),
 ``stages[2].config.model`` (a ``stage:`` reference to a stage that does not run earlier),
 ``stages[1].name`` (duplicate label), ``inputs.checkpoints.base``.
+
+Trust boundaries (checked here, once, at submit):
+    paths        a config string that is a path (absolute, ``~``, or with a ``..`` part) and every job
+                 input must exist and lie under one of the configured roots (``RuntimeSettings.path_roots``)
+    launch.env   only the variables in :data:`LAUNCH_ENV_ALLOWED` / :data:`LAUNCH_ENV_PREFIXES`
+    launch.num_nodes > 1 (or launcher kubernetes)   only where Kubernetes is configured
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..contract import Stage, StageConfig, StageConfigError, format_loc
@@ -18,6 +26,21 @@ from ..registry import UnknownStageError, get_stage
 
 STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ITEM_KEYS = {"stage", "config", "name"}
+
+# launch.env may tune the training process, never change what runs (LD_PRELOAD, PYTHONPATH, PATH ...).
+LAUNCH_ENV_ALLOWED = frozenset({
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_LAUNCH_BLOCKING", "PYTORCH_CUDA_ALLOC_CONF",
+    "TORCH_DISTRIBUTED_DEBUG", "TORCH_SHOW_CPP_STACKTRACES", "TOKENIZERS_PARALLELISM",
+})
+LAUNCH_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_")
+
+
+@dataclass(frozen=True)
+class Boundaries:
+    """What a submitted job may reach: path roots (None = no path check) and multi-node support."""
+
+    roots: tuple[Path, ...] | None = None
+    kubernetes: bool = False
 
 
 @dataclass(frozen=True)
@@ -28,10 +51,12 @@ class PlannedStage:
 
 
 def validate_pipeline(pipeline: Sequence[Mapping[str, Any]],
-                      inputs: Mapping[str, Any] | None = None) -> list[PlannedStage]:
+                      inputs: Mapping[str, Any] | None = None,
+                      boundaries: Boundaries | None = None) -> list[PlannedStage]:
     """Parse ``[{"stage": name, "config": {...}, "name": label?}, ...]``; raises StageConfigError."""
+    boundaries = boundaries or Boundaries()
     errors: list[tuple[str, str]] = []
-    errors.extend(_check_inputs(inputs))
+    errors.extend(_check_inputs(inputs, boundaries.roots))
     if isinstance(pipeline, (str, bytes, Mapping)) or not isinstance(pipeline, Sequence):
         raise StageConfigError([("stages", "must be a list of {stage, config, name}")])
     if not pipeline:
@@ -68,6 +93,10 @@ def validate_pipeline(pipeline: Sequence[Mapping[str, Any]],
             names.append(name)
             continue
         errors.extend(_check_references(raw, f"{where}.config", names))
+        errors.extend(_check_launch(config, f"{where}.config.launch", boundaries))
+        if boundaries.roots is not None:
+            errors.extend(_check_paths({k: v for k, v in raw.items() if k != "launch"} if isinstance(raw, Mapping)
+                                       else raw, f"{where}.config", boundaries.roots))
         names.append(name)
         planned.append(PlannedStage(name, stage, config))
     if errors:
@@ -98,7 +127,7 @@ def _check_references(value: Any, path: str, earlier: list[str]) -> list[tuple[s
     return []
 
 
-def _check_inputs(inputs: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+def _check_inputs(inputs: Mapping[str, Any] | None, roots: tuple[Path, ...] | None) -> list[tuple[str, str]]:
     if inputs is None:
         return []
     if not isinstance(inputs, Mapping):
@@ -111,4 +140,58 @@ def _check_inputs(inputs: Mapping[str, Any] | None) -> list[tuple[str, str]]:
             isinstance(k, str) and isinstance(v, str) and v for k, v in table.items()
         ):
             errors.append((f"inputs.{key}", "must map names to paths (strings)"))
+        elif roots is not None:
+            for name, path in table.items():
+                problem = path_problem(path, roots)
+                if problem:
+                    errors.append((f"inputs.{key}.{name}", problem))
     return errors
+
+
+def _check_launch(config: StageConfig, where: str, boundaries: Boundaries) -> list[tuple[str, str]]:
+    launch = config.launch
+    errors = []
+    if (launch.num_nodes > 1 or launch.launcher == "kubernetes") and not boundaries.kubernetes:
+        field = f"{where}.num_nodes" if launch.num_nodes > 1 else f"{where}.launcher"
+        errors.append((field, f"num_nodes={launch.num_nodes} needs Kubernetes, and these workers have none "
+                              "(INTERNLM2_K8S_STAGE_POD is not set); run on one node (num_nodes: 1)"))
+    for name in sorted(launch.env):
+        if name not in LAUNCH_ENV_ALLOWED and not name.startswith(LAUNCH_ENV_PREFIXES):
+            errors.append((f"{where}.env.{name}", "not an allowed variable (allowed: "
+                           f"{', '.join(sorted(LAUNCH_ENV_ALLOWED))} and {'*, '.join(LAUNCH_ENV_PREFIXES)}*)"))
+    return errors
+
+
+def is_path_like(value: str) -> bool:
+    """Config strings treated as filesystem paths: absolute, home-relative, or climbing with ``..``."""
+    if value.startswith(("stage:", "input:")):
+        return False
+    return value.startswith(("/", "~")) or ".." in Path(value).parts
+
+
+def path_problem(value: str, roots: tuple[Path, ...]) -> str:
+    """Why ``value`` may not be used as an input path ("" when it may)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        return f"{value!r}: must be an absolute path under {_names(roots)}"
+    real = Path(os.path.realpath(path))
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        return f"{value!r}: not under an allowed root ({_names(roots)})"
+    if not real.exists():
+        return f"{value!r}: does not exist"
+    return ""
+
+
+def _names(roots: tuple[Path, ...]) -> str:
+    return ", ".join(str(r) for r in roots)
+
+
+def _check_paths(value: Any, path: str, roots: tuple[Path, ...]) -> list[tuple[str, str]]:
+    if isinstance(value, str):
+        problem = path_problem(value, roots) if is_path_like(value) else ""
+        return [(path, problem)] if problem else []
+    if isinstance(value, Mapping):
+        return [e for k, v in value.items() for e in _check_paths(v, format_loc(path, (k,)), roots)]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _check_paths(v, format_loc(path, (i,)), roots)]
+    return []

@@ -55,7 +55,9 @@ class StageRun:
     start_time: float | None = None
     end_time: float | None = None
     error: str = ""
-    attempt: int = 0  # +1 each time the stage restarts after a lost worker
+    attempt: int = 0  # launch number of the current/last run: the lease's fencing token
+    launches: int = 0  # runs started so far (attempt = launches - 1 once started)
+    losses: int = 0  # runs lost with their worker; max_attempts of them fail the stage
     worker: str = ""  # who holds (or last held) the lease
 
     @classmethod

@@ -1,177 +1,208 @@
-"""Launch a stage's training process and follow it until it ends (runs inside the Celery task).
+"""The one supervision loop: record -> lease renewal -> cancel -> result, for every launcher.
 
-One loop, every ``poll_s``: forward the process's events into the JobStore (fenced by the lease
-token), renew the lease, pass a cancel request on (cancel file; SIGTERM to the process group after
-``cancel_grace_s``; SIGKILL after as long again) and notice if this worker's own parent died.
-Training never happens in the worker: on one node the process is ``python -m
-internlm2.plugins.runtime.launch`` (one rank) or ``torchrun``/``deepspeed`` (several); on several
-nodes a Kubernetes indexed Job (``k8s.py``).
+Every ``poll_s``: forward the run's events into the job record (fenced by the lease token), renew
+the lease every ``renew_every_s``, pass a cancel request on (cooperative; SIGTERM to the whole run
+after ``cancel_grace_s``; SIGKILL after as long again), and end with the run's result.
+
+Failure semantics:
+    Redis unreachable     calls are retried with backoff, events kept until they can be recorded;
+                          the stage simply continues if Redis is back in time.
+    ... for too long      without a renewal for ``stop_after_s`` the run gets SIGTERM, at
+                          ``kill_after_s`` SIGKILL — both before the lease (``lease_ttl_s``, counted
+                          from the last renewal's send) can expire and another worker start the stage.
+                          The run is reaped; the stage is requeued by a recovery thread (a loss).
+    lease lost            (renewal refused: it expired and may be taken) the run is killed at once.
+    worker stopping       (Celery warm shutdown, e.g. ``internlm2 up`` ending) SIGTERM, SIGKILL after
+                          ``cancel_grace_s``; the stage is released (requeued without a loss) and
+                          resumes from its last committed checkpoint.
+Whatever a stale run still tries, its checkpoint commits are fenced (``channels``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from .celery_app import RuntimeSettings
-from .channels import FileChannel, FileTail
-from .jobs import Claim, JobStore
-from .launch import write_run_spec
-from .records import JobState
+from .jobs import JobStore
+from .launchers import LocalLauncher, Run, resolve_launcher
+from .machine import Claim
+from .records import Job, JobState
+from .settings import RuntimeSettings
+from .store import UNREACHABLE
 
 logger = logging.getLogger(__name__)
 
-LAUNCH_MODULE = "internlm2.plugins.runtime.launch"
+MAX_BACKOFF_S = 2.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launcher_for(job: Job, index: int, settings: RuntimeSettings):
+    if resolve_launcher(job.stages[index].config.get("launch", {})) == "kubernetes":
+        from .k8s import KubernetesLauncher
+
+        return KubernetesLauncher.from_settings(settings)
+    return LocalLauncher()
 
 
-def resolve_launcher(launch: dict[str, Any]) -> str:
-    launcher = launch.get("launcher", "auto")
-    if launcher != "auto":
-        return launcher
-    if launch.get("num_nodes", 1) > 1:
-        return "kubernetes"
-    return "python" if launch.get("nproc_per_node", 1) == 1 else "torchrun"
+class Supervision:
+    def __init__(self, jobs: JobStore, job: Job, index: int, claim: Claim, run: Run, settings: RuntimeSettings,
+                 stopping: Callable[[], bool]):
+        self.jobs, self.job, self.index, self.claim, self.run = jobs, job, index, claim, run
+        self.settings, self.stopping = settings, stopping
+        self.job_id = job.job_id
+        self.pending: list[dict[str, Any]] = []
+        self.result: dict[str, Any] | None = None
+        self.renewed_at = time.monotonic()  # the claim's commit renewed it last
+        self.unreachable_since: float | None = None
+        self.backoff = 0.1
 
+    def log(self, level: int, message: str, *args: Any) -> None:
+        logger.log(level, "job %s stage %d: " + message, self.job_id, self.index, *args)
 
-def build_command(launch: dict[str, Any], spec_path: Path, port: int) -> tuple[list[str], dict[str, str]]:
-    """The single-node command line and the environment it adds."""
-    launcher = resolve_launcher(launch)
-    n = int(launch.get("nproc_per_node", 1))
-    if launcher == "python":
-        if n != 1:
-            raise ValueError("launch.launcher=python runs one process; use torchrun for nproc_per_node > 1")
-        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        return [sys.executable, "-m", LAUNCH_MODULE, str(spec_path)], env
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--nnodes=1",
-                "--master-addr=127.0.0.1", f"--master-port={port}", "-m", LAUNCH_MODULE, str(spec_path)], {}
-    if launcher == "deepspeed":
-        exe = shutil.which("deepspeed") or "deepspeed"
-        return [exe, f"--num_gpus={n}", f"--master_port={port}", "--no_local_rank", "--module",
-                LAUNCH_MODULE, str(spec_path)], {}
-    raise ValueError(f"launcher {launcher!r} is not a single-node launcher")
+    # ---- Redis, with retry --------------------------------------------------------------------
+    def talk(self, call: Callable[[], Any]) -> tuple[bool, Any]:
+        """(True, value) or (False, None) while Redis is unreachable."""
+        try:
+            value = call()
+        except UNREACHABLE as exc:
+            if self.unreachable_since is None:
+                self.unreachable_since = time.monotonic()
+                self.log(logging.WARNING, "Redis unreachable (%s); retrying with backoff", exc)
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF_S)
+            return False, None
+        if self.unreachable_since is not None:
+            self.log(logging.WARNING, "Redis reachable again after %.1f s", time.monotonic() - self.unreachable_since)
+            self.unreachable_since = None
+        self.backoff = 0.1
+        return True, value
 
-
-def _preexec() -> None:
-    # Runs in the child between fork and exec: die with this supervising thread's process.
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-def supervise(store: JobStore, job_id: str, index: int, claim: Claim,
-              settings: RuntimeSettings) -> JobState | None:
-    """Run stage ``index`` to its end; returns its final state, or None when the lease was lost
-    (another worker owns the stage now, or this worker is going away)."""
-    job = store.get(job_id)
-    st = job.stages[index]
-    launch = st.config.get("launch", {})
-    if resolve_launcher(launch) == "kubernetes":
-        from .k8s import supervise_kubernetes
-
-        return supervise_kubernetes(store, job, index, claim, settings)
-
-    out = Path(st.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    attempt = claim.attempt
-    channel = FileChannel(out / f".events-{attempt}.jsonl", out / ".cancel")
-    channel.cancel_path.unlink(missing_ok=True)
-    channel.events_path.unlink(missing_ok=True)
-    spec_path = write_run_spec(
-        out / f".run-{attempt}.json", job_id=job_id, name=st.name, stage=st.stage, index=index,
-        attempt=attempt, config=st.config, output_dir=str(out), inputs=store.stage_inputs(job, index),
-        channel=channel.spec(),
-    )
-    cmd, extra_env = build_command(launch, spec_path, free_port())
-    env = {**os.environ, **extra_env, **launch.get("env", {})}
-    log_path = out / f"stage-{attempt}.log"
-    logger.info("job %s stage %s attempt %d: %s", job_id, st.name, attempt, " ".join(cmd))
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out,
-                                start_new_session=True, preexec_fn=_preexec)
-    return _follow(store, job_id, index, claim.token, proc, channel, log_path, settings, attempt)
-
-
-def _follow(store: JobStore, job_id: str, index: int, token: str, proc: subprocess.Popen,
-            channel: FileChannel, log_path: Path, settings: RuntimeSettings, attempt: int) -> JobState | None:
-    tail = FileTail(channel.events_path)
-    parent = os.getppid()
-    result: dict[str, Any] | None = None
-    cancel_at = term_at = None
-    last_beat = time.monotonic()
-
-    def lost(why: str) -> None:
-        logger.warning("job %s stage %d: %s; stopping the training process", job_id, index, why)
-        _signal_group(proc, signal.SIGKILL)
-        proc.wait()
-
-    while True:
-        rc = proc.poll()
-        events = tail.read()
-        result = next((e for e in events if e["type"] == "result"), result)
-        if not store.record(job_id, index, token, [e for e in events if e["type"] != "result"]):
-            lost("lease lost")
+    def renew(self) -> bool | None:
+        """True renewed, False lease lost, None Redis unreachable."""
+        sent = time.monotonic()
+        ok, renewed = self.talk(lambda: self.jobs.heartbeat(self.job_id, self.index, self.claim.token,
+                                                            self.settings.lease_ttl_s))
+        if not ok:
             return None
-        if rc is not None:
-            break
-        now = time.monotonic()
-        if now - last_beat >= settings.lease_ttl_s / 3:
-            if not store.heartbeat(job_id, index, token, settings.lease_ttl_s):
-                lost("lease expired")
+        if renewed:
+            self.renewed_at = sent
+        return bool(renewed)
+
+    def flush(self) -> bool | None:
+        if not self.pending:
+            return True
+        batch = list(self.pending)
+        ok, applied = self.talk(lambda: self.jobs.record(self.job_id, self.index, self.claim.token, batch))
+        if not ok:
+            return None
+        if applied:
+            del self.pending[:len(batch)]
+        return bool(applied)
+
+    def collect(self) -> None:
+        for e in self.run.events():
+            if e.get("type") == "result":
+                self.result = e
+            else:
+                self.pending.append(e)
+
+    # ---- stopping the run ---------------------------------------------------------------------
+    def stop(self, why: str, term_wait_s: float) -> None:
+        """SIGTERM the whole run, SIGKILL after ``term_wait_s``; reaped before returning."""
+        self.log(logging.WARNING, "%s; stopping the training process", why)
+        if term_wait_s > 0:
+            self.run.signal(signal.SIGTERM)
+            if self.run.wait(term_wait_s):
+                self.pending.extend(self.run.close())
+                return
+        self.run.signal(signal.SIGKILL)
+        self.run.wait(30)
+        self.pending.extend(self.run.close())
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def follow(self) -> JobState | None:
+        s = self.settings
+        cancel_at = term_at = None
+        while True:
+            rc = self.run.poll()
+            self.collect()
+            if self.flush() is False:
+                self.stop("lease lost", 0)
                 return None
-            last_beat = now
-        if cancel_at is None and store.cancel_requested(job_id):
-            channel.cancel_path.touch()
-            cancel_at = now
-            store.record(job_id, index, token, [{"type": "log", "level": "INFO", "message": "cancel requested"}])
-        if cancel_at is not None and term_at is None and now - cancel_at > settings.cancel_grace_s:
-            _signal_group(proc, signal.SIGTERM)
-            term_at = now
-        if term_at is not None and now - term_at > settings.cancel_grace_s:
-            _signal_group(proc, signal.SIGKILL)
-        if os.getppid() != parent:  # a prefork child whose worker died: let the lease expire
-            lost("worker process gone")
-            return None
-        time.sleep(settings.poll_s)
+            if rc is not None:
+                break
+            now = time.monotonic()
+            due = now - self.renewed_at >= s.renew_every_s or self.unreachable_since is not None
+            if due and self.renew() is False:
+                self.stop("lease lost", 0)
+                return None
+            silent = time.monotonic() - self.renewed_at
+            if silent >= s.stop_after_s:
+                # Stop before the lease can expire: SIGTERM now, SIGKILL by kill_after_s at the latest.
+                self.stop(f"lease not renewed for {silent:.1f} s (Redis unreachable)",
+                          max(0.0, s.kill_after_s - silent))
+                return None
+            if self.stopping():
+                return self.release(now)
+            if cancel_at is None and self.talk(lambda: self.jobs.cancel_requested(self.job_id))[1]:
+                self.run.request_cancel()
+                cancel_at = now
+                self.pending.append({"type": "log", "level": "INFO", "message": "cancel requested"})
+            if cancel_at is not None and term_at is None and now - cancel_at > s.cancel_grace_s:
+                self.run.signal(signal.SIGTERM)
+                term_at = now
+            if term_at is not None and now - term_at > s.cancel_grace_s:
+                self.run.signal(signal.SIGKILL)
+            time.sleep(s.poll_s if self.unreachable_since is None else min(self.backoff, s.renew_every_s / 2))
+        return self.conclude(rc, cancel_at is not None)
 
-    _signal_group(proc, signal.SIGKILL)  # stray ranks of a launcher that exited
-    store.record(job_id, index, token, [{"type": "artifact", "name": f"log-{attempt}", "kind": "LOG",
-                                         "path": str(log_path), "size_bytes": log_path.stat().st_size}])
-    if result is not None:
-        state, error, metrics = JobState(result["state"]), result["error"], result["metrics"]
-    elif cancel_at is not None:
-        state, error, metrics = JobState.CANCELLED, "stopped by signal after cancel", {}
-    else:
-        state, error, metrics = JobState.FAILED, f"training process exited with {rc}: {_tail(log_path)}", {}
-    if not store.finish_stage(job_id, index, token, state, error, metrics):
+    def release(self, now: float) -> JobState | None:
+        """This worker is stopping: stop the run (it resumes from its checkpoint elsewhere)."""
+        self.stop("worker stopping", self.settings.cancel_grace_s)
+        self.collect()
+        self.retrying(lambda: self.flush() is not None)
+        self.retrying(lambda: self.talk(lambda: self.jobs.release_stage(
+            self.job_id, self.index, self.claim.token, "worker stopping; resumes from the last checkpoint"))[0])
         return None
-    return state
+
+    def conclude(self, rc: int, cancelled: bool) -> JobState | None:
+        self.collect()
+        self.pending.extend(self.run.close())
+        if self.result is not None:
+            state, error, metrics = JobState(self.result["state"]), self.result["error"], self.result["metrics"]
+        elif cancelled:
+            state, error, metrics = JobState.CANCELLED, "stopped by signal after cancel", {}
+        else:
+            state, error, metrics = JobState.FAILED, self.run.failure(rc), {}
+        outcome: dict[str, Any] = {}
+
+        def finish() -> bool:
+            if self.flush() is None:
+                return False
+            ok, done = self.talk(lambda: self.jobs.finish_stage(self.job_id, self.index, self.claim.token, state,
+                                                                error, metrics))
+            outcome["done"] = done
+            return ok
+
+        if not self.retrying(finish) or not outcome.get("done"):
+            return None
+        return state
+
+    def retrying(self, attempt: Callable[[], bool]) -> bool:
+        """Retry a Redis step until it goes through or the lease must be presumed expired."""
+        while not attempt():
+            if time.monotonic() - self.renewed_at >= self.settings.lease_ttl_s:
+                self.log(logging.WARNING, "Redis unreachable for longer than the lease; giving the stage up")
+                return False
+            time.sleep(self.backoff)
+        return True
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+def supervise(jobs: JobStore, job: Job, index: int, claim: Claim, settings: RuntimeSettings,
+              stopping: Callable[[], bool] = lambda: False, launcher=None) -> JobState | None:
+    """Run stage ``index`` to its end; its final state, or None when this worker gave it up (lease
+    lost, Redis gone too long, worker stopping: the record says what happens next)."""
+    launcher = launcher or launcher_for(job, index, settings)
+    run = launcher.start(job, index, claim.attempt)
+    return Supervision(jobs, job, index, claim, run, settings, stopping).follow()

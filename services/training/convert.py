@@ -122,6 +122,9 @@ def job_to_proto(job) -> training_pb2.Job:
         start_time=timestamp(job.start_time),
         end_time=timestamp(job.end_time),
         error=job.error,
+        inputs=training_pb2.JobInputs(
+            checkpoints=job.inputs.get("checkpoints", {}), datasets=job.inputs.get("datasets", {})
+        ),
     )
 
 

@@ -24,7 +24,9 @@ def redis_url_from_args(args) -> str:
 def build_app(args) -> GrpcApp:
     config = ServerConfig.from_args(args, "training", DEFAULT_PORT, DEFAULT_METRICS_PORT)
     service = TrainingService(redis_url_from_args(args), work_dir=getattr(args, "work_dir", None))
-    return GrpcApp(config, [service])
+    app = GrpcApp(config, [service])
+    service.health = app.health  # NOT_SERVING while Redis is unreachable
+    return app
 
 
 def serve(args) -> int:

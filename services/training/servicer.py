@@ -4,6 +4,9 @@ The store is synchronous Redis; every call runs on this service's own thread poo
 concurrent WatchJob streams, each of which blocks a thread for at most ``WATCH_BLOCK_S`` at a time)
 so the event loop stays free. Job records and event streams live in Redis, so a restarted service
 sees every job, and WatchJob resumes from ``after_sequence``.
+
+Redis unreachable: calls answer UNAVAILABLE (retryable) and a monitor pings Redis every
+``REDIS_PROBE_S``, turning the service's health NOT_SERVING until Redis answers again.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ log = logging.getLogger("internlm2.services.training")
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 WATCH_BLOCK_S = 0.5
 DEFAULT_PAGE_SIZE = 50
+REDIS_PROBE_S = 1.0
+UNAVAILABLE_MESSAGE = "job store (Redis) unreachable; retry shortly"
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -39,6 +44,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     def __init__(self, max_threads: int = 64):
         self.store = None
+        self.redis_ok = True  # the monitor's last probe
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="job-store")
 
     def close(self) -> None:
@@ -47,15 +53,22 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def _run(self, fn, *args, **kwargs):
         """Run a blocking store call on the pool, mapping the store's errors to status codes."""
         from internlm2.plugins.contract import StageConfigError
-        from internlm2.plugins.runtime.jobs import JobFinishedError, JobNotFoundError
+        from internlm2.plugins.runtime.jobs import JobFinishedError, JobNotFoundError, JobNotRetryableError
+        from internlm2.plugins.runtime.store import UNREACHABLE
 
+        if not self.redis_ok:
+            raise ServiceError.unavailable(UNAVAILABLE_MESSAGE, reason="JOB_STORE_UNAVAILABLE")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        except UNREACHABLE:
+            raise ServiceError.unavailable(UNAVAILABLE_MESSAGE, reason="JOB_STORE_UNAVAILABLE") from None
         except JobNotFoundError as exc:
             raise ServiceError.not_found(str(exc), reason="JOB_NOT_FOUND") from None
         except JobFinishedError as exc:
             raise ServiceError.failed_precondition(str(exc), reason="JOB_ENDED") from None
+        except JobNotRetryableError as exc:
+            raise ServiceError.failed_precondition(str(exc), reason="JOB_NOT_RETRYABLE") from None
         except StageConfigError as exc:
             raise ServiceError.invalid_fields([Violation(f, m) for f, m in exc.errors]) from None
 
@@ -94,12 +107,18 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             if spec.name:
                 item["name"] = spec.name
             pipeline.append(item)
+        inputs = {
+            kind: dict(getattr(request.inputs, kind))
+            for kind in ("checkpoints", "datasets")
+            if getattr(request.inputs, kind)
+        }
         job = await self._run(
             self.store.submit,
             pipeline,
             idempotency_key=request.idempotency_key or None,
             name=request.name,
             labels=dict(request.labels),
+            inputs=inputs or None,
         )
         log.info(
             "job submitted",
@@ -137,6 +156,11 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         log.info("job cancel requested", extra={"fields": {"job_id": job.job_id, "state": job.state.value}})
         return training_pb2.CancelJobResponse(job=job_to_proto(job))
 
+    async def RetryJob(self, request, context):
+        job = await self._run(self.store.retry, self._job_id(request))
+        log.info("job retried", extra={"fields": {"job_id": job.job_id, "stage": job.current_stage}})
+        return training_pb2.RetryJobResponse(job=job_to_proto(job))
+
     async def WatchJob(self, request, context):
         job_id = self._job_id(request)
         if request.after_sequence < 0:
@@ -158,15 +182,18 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
 
 class TrainingService(Service):
-    """Connects a JobStore to ``redis_url``; ready once Redis answers a PING."""
+    """Connects a JobStore to ``redis_url``; ready once Redis answers a PING. ``health`` (the
+    server's HealthServicer, when given) follows Redis: NOT_SERVING while it is unreachable."""
 
     service_name = SERVICE_NAME
 
-    def __init__(self, redis_url: str, work_dir: str | None = None, store=None):
+    def __init__(self, redis_url: str, work_dir: str | None = None, store=None, health=None):
         self.redis_url = redis_url
         self.work_dir = work_dir
         self.servicer = TrainingServicer()
         self._preloaded = store
+        self.health = health
+        self._monitor: asyncio.Task | None = None
 
     def add_to_server(self, server) -> None:
         training_pb2_grpc.add_TrainingServiceServicer_to_server(self.servicer, server)
@@ -175,8 +202,10 @@ class TrainingService(Service):
         store = self._preloaded
         if store is None:
             from internlm2.plugins.runtime.jobs import JobStore
+            from internlm2.plugins.runtime.settings import RuntimeSettings
 
-            store = JobStore(self.redis_url, work_dir=self.work_dir)
+            settings = RuntimeSettings.from_env(redis_url=self.redis_url, work_dir=self.work_dir)
+            store = JobStore(settings=settings)
         delay = 0.1
         while True:
             try:
@@ -187,6 +216,28 @@ class TrainingService(Service):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self.servicer.store = store
+        if self.health is not None:
+            self._monitor = asyncio.create_task(self._watch_redis(store))
+
+    async def _watch_redis(self, store) -> None:
+        """Ping Redis every REDIS_PROBE_S; flip health and the servicer's gate when it changes."""
+        from grpc_health.v1 import health_pb2
+
+        while True:
+            await asyncio.sleep(REDIS_PROBE_S)
+            try:
+                ok = bool(await asyncio.wait_for(asyncio.to_thread(store.r.ping), REDIS_PROBE_S * 3))
+            except Exception:  # unreachable, refused, timed out
+                ok = False
+            if ok == self.servicer.redis_ok:
+                continue
+            self.servicer.redis_ok = ok
+            log.warning("Redis %s", "reachable again" if ok else "unreachable: NOT_SERVING until it answers")
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in (self.service_name, ""):
+                await self.health.set(name, status)
 
     async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
         self.servicer.close()

@@ -68,6 +68,11 @@ class TrainingServiceStub:
                 request_serializer=internlm2_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=internlm2_dot_v1_dot_training__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/internlm2.v1.TrainingService/RetryJob',
+                request_serializer=internlm2_dot_v1_dot_training__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=internlm2_dot_v1_dot_training__pb2.RetryJobResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -119,6 +124,14 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryJob(self, request, context):
+        """Queues a FAILED or CANCELLED job again: its first unfinished stage resumes from its
+        last committed checkpoint. FAILED_PRECONDITION for a job in any other state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +164,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=internlm2_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
                     response_serializer=internlm2_dot_v1_dot_training__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=internlm2_dot_v1_dot_training__pb2.RetryJobRequest.FromString,
+                    response_serializer=internlm2_dot_v1_dot_training__pb2.RetryJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +337,33 @@ class TrainingService:
             '/internlm2.v1.TrainingService/WatchJob',
             internlm2_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
             internlm2_dot_v1_dot_training__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internlm2.v1.TrainingService/RetryJob',
+            internlm2_dot_v1_dot_training__pb2.RetryJobRequest.SerializeToString,
+            internlm2_dot_v1_dot_training__pb2.RetryJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
