@@ -44,6 +44,13 @@ class LLMEngine:
         dtype = model.dtype
 
         limit = config.max_model_len or mc.max_position_embeddings
+        if not config.enable_chunked_prefill:  # every (re)computed sequence must fit one step's budget
+            if config.max_model_len is not None and config.max_model_len > config.max_num_batched_tokens:
+                raise ConfigError(
+                    "max_model_len", f"{config.max_model_len} exceeds max_num_batched_tokens "
+                    f"({config.max_num_batched_tokens}), which caps it with chunked prefill off",
+                )
+            limit = min(limit, config.max_num_batched_tokens)
         reserved = 0
         if self.device.type == "cuda" and config.num_gpu_blocks is None and config.kv_cache_bytes is None:
             reserved = self._profile(limit)

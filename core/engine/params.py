@@ -202,6 +202,13 @@ class EngineConfig:
     ``max_num_seqs`` full-length sequences need. ``max_model_len`` (prompt + output) defaults to the
     model's ``max_position_embeddings`` capped at what the pool can hold.
 
+    ``enable_chunked_prefill`` (on) splits prompts over steps within ``max_num_batched_tokens``; off, a
+    prompt (or a preempted sequence's recompute) runs in one step, so the context is capped at
+    ``max_num_batched_tokens``.
+
+    Every field is a ``internlm2 serve inference`` flag under vLLM's name
+    (``internlm2_client.cli._engine_flags.ENGINE_FLAGS``; a test fails for a field without one).
+
     Beyond the shared interface: ``enforce_eager`` turns off CUDA graphs; ``cuda_graph_batch_sizes``
     chooses the captured decode batch sizes (default 1, 2, 4, 8, then steps of 8 up to max_num_seqs);
     ``seed`` keys the sampling noise of requests without their own seed (with their arrival index).
@@ -214,6 +221,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9
     kv_cache_bytes: int | None = None
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
     max_queue_size: int = 1024
     max_model_len: int | None = None
     enforce_eager: bool = False
@@ -231,6 +239,9 @@ class EngineConfig:
                 "max_num_batched_tokens",
                 f"{self.max_num_batched_tokens} is below max_num_seqs={self.max_num_seqs}",
             )
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be a bool, got {getattr(self, name)!r}")
         for name in ("num_gpu_blocks", "kv_cache_bytes", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):

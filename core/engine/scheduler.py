@@ -12,7 +12,8 @@ Policy, in ``schedule``:
 - Running requests first, in admission order. A decoding request always gets its one token (the
   token budget is never smaller than ``max_num_seqs``, and prefill chunks leave room for every
   decode), so long prompts never stall decodes. A request still in prefill gets a chunk of what is left
-  of ``max_num_batched_tokens`` (chunked prefill).
+  of ``max_num_batched_tokens`` (chunked prefill; with ``enable_chunked_prefill`` off a waiting request is
+  admitted only when its whole prefill fits the step).
 - When a running request cannot get a block, the most recently admitted running request is preempted
   (``Preemption``: blocks freed, recomputed later from its tokens; cached prefix blocks usually make
   that cheap) — possibly the request itself. Never an error, never an allocation past the pool.
@@ -164,6 +165,8 @@ class Scheduler:
             hits = bm.get_computed_blocks(req)
             num_hit = len(hits) * bm.block_size
             n = min(req.num_tokens - num_hit, prefill_budget)
+            if n < req.num_tokens - num_hit and not self.config.enable_chunked_prefill:
+                break  # its prefill must run whole: wait for a step with room
             # The watermark applies only when someone is running: an idle engine admits anything that fits.
             if not bm.allocate_slots(req, n, hits, admit=bool(self.running)):
                 break

@@ -11,26 +11,12 @@ from .servicer import InferenceService
 DEFAULT_PORT = 50052
 DEFAULT_METRICS_PORT = 9102
 
-# Optional engine flags (argparse attribute -> EngineConfig field); absent flags keep the defaults.
-ENGINE_FLAGS = (
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "block_size",
-    "num_gpu_blocks",
-    "kv_cache_memory_fraction",
-    "kv_cache_bytes",
-    "max_queue_size",
-    "max_model_len",
-)
-
-
 def engine_config_from_args(args):
+    """EngineConfig from the `serve inference` engine flags (the SDK's table: one flag per field)."""
     from internlm2.core.engine import EngineConfig
+    from internlm2_client.cli._engine_flags import engine_overrides
 
-    overrides = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name, None) is not None}
-    if getattr(args, "no_prefix_caching", False):
-        overrides["enable_prefix_caching"] = False
-    return EngineConfig(**overrides).validate()
+    return EngineConfig(**engine_overrides(args)).validate()
 
 
 def build_app(args) -> GrpcApp:

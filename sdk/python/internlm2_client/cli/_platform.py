@@ -14,6 +14,8 @@ import importlib
 import os
 import sys
 
+from internlm2_client.cli._engine_flags import add_engine_options
+
 NOT_INSTALLED = "internlm2-platform is not installed"
 MODEL_ENV = "INTERNLM2_MODEL"
 REDIS_ENV = "REDIS_URL"
@@ -101,7 +103,7 @@ def register(subparsers) -> None:
             _add_model_options(p, device=name in ("inference", "reward"))
         if name == "inference":
             p.add_argument("--model-name", default=None, help="name reported by GetModelInfo and in metrics")
-            p.add_argument("--no-prefix-caching", action="store_true", help="disable the engine's prefix cache")
+            add_engine_options(p)  # one flag per EngineConfig field (cli/_engine_flags.py)
         else:
             p.add_argument(
                 "--redis-url",
