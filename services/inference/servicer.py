@@ -29,6 +29,7 @@ from internlm2.v1 import inference_pb2, inference_pb2_grpc
 from ..common.app import Service
 from ..common.context import current_request_id, new_request_id
 from ..common.errors import ServiceError
+from ..common.interceptors import DEADLINE_SLACK_S
 from .metrics import EngineStatsCollector, RequestMetricsRecorder
 from .requests import Prompt, engine_error, prompt_from_request, sampling_from_proto
 from .responses import Completion
@@ -46,9 +47,10 @@ def _version() -> str:
 
 
 def _deadline_passed(context) -> bool:
-    """Whether the call's deadline is what ended it (cancel and deadline both close the stream)."""
+    """Whether the call's deadline is what ended it (cancel and deadline both close the stream); the same
+    slack as the access log's status (``interceptors.final_code``), so metrics and logs agree."""
     remaining = context.time_remaining() if context is not None else None
-    return remaining is not None and remaining <= 0
+    return remaining is not None and remaining <= DEADLINE_SLACK_S
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):

@@ -13,7 +13,7 @@ from internlm2_client.cli._common import (
     print_json,
     wants_json,
 )
-from internlm2_client.types import ChatMessage, GenerateResult, SamplingParams
+from internlm2_client.types import ChatMessage, GenerateResult, SamplingParams, StructuredOutput
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -47,12 +47,35 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="keep special tokens in the output text",
     )
+    g.add_argument("-n", "--n", type=int, dest="n", help="number of completions (choices) of the prompt")
+    so = g.add_mutually_exclusive_group()
+    so.add_argument("--json-schema", metavar="JSON|@FILE", help="constrain the output to this JSON schema")
+    so.add_argument("--regex", metavar="RE", help="constrain the whole output to match this regular expression")
+    so.add_argument("--grammar", metavar="EBNF|@FILE", help="constrain the output to this GBNF grammar (rule root)")
+    so.add_argument("--json-object", action="store_true", default=None, help="constrain the output to a JSON object")
+
+
+def _structured_output(args: argparse.Namespace) -> StructuredOutput | None:
+    if getattr(args, "json_schema", None):
+        return StructuredOutput(json_schema=load_json_arg(args.json_schema))
+    if getattr(args, "regex", None):
+        return StructuredOutput(regex=args.regex)
+    if getattr(args, "grammar", None):
+        grammar = args.grammar
+        if grammar.startswith("@"):
+            with open(grammar[1:], encoding="utf-8") as f:
+                grammar = f.read()
+        return StructuredOutput(grammar=grammar)
+    if getattr(args, "json_object", None):
+        return StructuredOutput(json_object=True)
+    return None
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    names = [f for f in vars(SamplingParams()) if f not in ("stop", "prompt_logprobs")]
+    names = [f for f in vars(SamplingParams()) if f not in ("stop", "prompt_logprobs", "structured_output")]
     params = SamplingParams(**{n: getattr(args, n, None) for n in names})
     params.stop = list(args.stop or [])
+    params.structured_output = _structured_output(args)
     return params
 
 
@@ -98,10 +121,15 @@ def run_generate(args: argparse.Namespace) -> int:
         inputs = {"messages": [*messages, {"role": "user", "content": prompt}], "tools": tools}
     sampling = sampling_from_args(args)
     with InferenceClient(**client_kwargs(args, "inference")) as client:
-        if wants_json(args) or not args.stream:
+        # n > 1 choices would interleave in a stream: print them whole, one after another.
+        if wants_json(args) or not args.stream or (sampling.n or 1) > 1:
             result = client.generate(**inputs, sampling=sampling, request_id=args.request_id)
             if wants_json(args):
                 print_json(result)
+            elif len(result.choices) > 1:
+                for choice in result.choices:
+                    print(f"--- choice {choice.index} [{choice.finish_reason}]")
+                    print(choice.text)
             else:
                 print(result.text)
         else:
