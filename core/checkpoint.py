@@ -4,6 +4,8 @@ Reads ``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors`` + ``mo
 and ``pytorch_model*.bin`` (+ index) with ``weights_only=True``. The model is built on the meta device,
 materialised once with ``to_empty`` and every tensor is copied into place one at a time, so peak memory
 is the model plus one tensor — never two copies of the weights (tests/test_checkpoint.py measures it).
+``load_weights_into`` does the copying, also into a model built under ``deepspeed.zero.Init`` (each rank
+keeps only its ZeRO-3 partition); ``ShardedWriter`` writes the official layout a tensor at a time.
 """
 
 from __future__ import annotations
@@ -90,26 +92,69 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InternLM2Config
     with torch.device("meta"):
         model = cls(config).to(dtype)  # dtype first, on meta: the one real allocation is already the right size
     model = model.to_empty(device=device)
+    load_weights_into(model, directory, strict=strict)
+    return model.eval()
+
+
+def _copy_into(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy a full checkpoint tensor into ``target``: the whole parameter, or, for a parameter DeepSpeed
+    ZeRO-3 has partitioned (``ds_tensor``), only this rank's flat slice of it — the layout
+    ``deepspeed.zero.Init`` partitions into (flattened, padded to a multiple of the group size, rank r
+    holding elements ``[r * part, (r + 1) * part)``). No rank ever holds a full copy of the model."""
+    with torch.no_grad():
+        part = getattr(target, "ds_tensor", None)
+        if part is None:
+            target.copy_(tensor)
+            return
+        size = part.ds_numel
+        group = getattr(target, "ds_process_group", None)
+        rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+        flat = tensor.reshape(-1)
+        start = rank * size
+        count = max(0, min(size, flat.numel() - start))
+        if count:
+            part.data.narrow(0, 0, count).copy_(flat.narrow(0, start, count))
+
+
+def _shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The full shape of a parameter, also when ZeRO-3 has partitioned it (``ds_shape``)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def load_weights_into(model, directory, *, strict: bool = True, rename=None,
+                      allow_missing: tuple[str, ...] = ()) -> None:
+    """Copy a checkpoint's tensors into ``model``'s existing parameters, one tensor at a time.
+
+    Works for materialised models (``load_pretrained``) and for models built under
+    ``deepspeed.zero.Init`` (each rank copies only its partition, see ``_copy_into``). ``rename`` maps a
+    checkpoint name to the model's (``None`` skips the tensor: e.g. a causal LM's ``output.weight``
+    when the model is a reward model); ``allow_missing`` names parameters the caller initialises.
+    Tensors are converted to the parameter's dtype as they are copied.
+    """
+    directory = Path(directory)
     params = dict(model.named_parameters())
     seen: set[str] = set()
     unexpected, mis_shaped = [], []
     for name, tensor in iter_tensors(weight_files(directory)):
         if name.endswith(IGNORED_SUFFIXES):
             continue
+        if rename is not None:
+            name = rename(name)
+            if name is None:
+                continue
         target = params.get(name)
         if target is None:
             unexpected.append(name)
             continue
-        if tuple(tensor.shape) != tuple(target.shape):
-            mis_shaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+        if tuple(tensor.shape) != _shape(target):
+            mis_shaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {_shape(target)}")
             seen.add(name)  # reported as mis-shaped, not also as missing
             continue
-        with torch.no_grad():
-            target.copy_(tensor)
+        _copy_into(target, tensor)
         seen.add(name)
         del tensor
-    missing = sorted(set(params) - seen)
-    if config.tie_word_embeddings and "output.weight" in missing:
+    missing = sorted(set(params) - seen - set(allow_missing))
+    if model.config.tie_word_embeddings and "output.weight" in missing:
         missing.remove("output.weight")  # shares tok_embeddings' storage
     problems = []
     if missing:
@@ -119,8 +164,7 @@ def load_pretrained(cls, path, dtype=None, device="cpu", config: InternLM2Config
     if unexpected and strict:
         problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:8]}")
     if problems:
-        raise CheckpointError(f"checkpoint {directory} does not fit {cls.__name__}: " + "; ".join(problems))
-    return model.eval()
+        raise CheckpointError(f"checkpoint {directory} does not fit {type(model).__name__}: " + "; ".join(problems))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -129,46 +173,73 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def save_pretrained(model, directory, max_shard_bytes: int = 5 * 2**30, safe_serialization: bool = True) -> None:
     """Write config.json + weights (sharded with an index past ``max_shard_bytes``) in the official layout."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config.replace(
-        torch_dtype=_dtype_name(model.dtype), architectures=[type(model).architecture]
-    )
-    config.save(directory)
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-         "pad_token_id": config.pad_token_id}, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         state.pop("output.weight", None)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    writer = ShardedWriter(directory, model.config, type(model).architecture, model.dtype,
+                           max_shard_bytes=max_shard_bytes, safe_serialization=safe_serialization)
     for name, tensor in state.items():
+        writer.add(name, tensor)
+    writer.close()
+
+
+class ShardedWriter:
+    """Writes a checkpoint in the official layout one tensor at a time: a shard is flushed to disk as
+    soon as the next tensor would push it past ``max_shard_bytes``, so the writer never holds more
+    than one shard (ZeRO-3 exports gather a module at a time and stream it here).
+
+    Shards are written under temporary names and renamed on ``close()`` (their count is only known
+    then); a reader never sees half a checkpoint's shard.
+    """
+
+    def __init__(self, directory, config: InternLM2Config, architecture: str, dtype: torch.dtype,
+                 max_shard_bytes: int = 5 * 2**30, safe_serialization: bool = True):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.safe = safe_serialization
+        config = config.replace(torch_dtype=_dtype_name(dtype), architectures=[architecture])
+        config.save(self.directory)
+        (self.directory / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+             "pad_token_id": config.pad_token_id}, indent=2) + "\n")
+        for stale in list(self.directory.glob("model*.safetensors")) + list(self.directory.glob("pytorch_model*.bin")):
+            stale.unlink()
+        for stale_index in (SAFE_INDEX, BIN_INDEX):
+            (self.directory / stale_index).unlink(missing_ok=True)
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (copied to the CPU); flushes the current shard first when it is full."""
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    ext = "safetensors" if safe_serialization else "bin"
-    stem = "model" if safe_serialization else "pytorch_model"
-    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("pytorch_model*.bin")):
-        stale.unlink()
-    names = [f"{stem}.{ext}"] if len(shards) == 1 else [
-        f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))
-    ]
-    for name, shard in zip(names, shards):
-        tmp = directory / (name + ".tmp")
-        if safe_serialization:
-            save_file({k: v.cpu() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
+        if self._shard and self._size + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._shard[name] = tensor.detach().to("cpu").contiguous()
+        self._size += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        tmp = self.directory / f".shard-{len(self._written):05d}.tmp"
+        if self.safe:
+            save_file(self._shard, str(tmp), metadata={"format": "pt"})
         else:
-            torch.save({k: v.cpu() for k, v in shard.items()}, tmp)
-        os.replace(tmp, directory / name)  # a reader never sees half a shard
-    for stale_index in (SAFE_INDEX, BIN_INDEX):
-        (directory / stale_index).unlink(missing_ok=True)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
-        }
-        (directory / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2))
+            torch.save(self._shard, tmp)
+        self._written.append((tmp, list(self._shard)))
+        self._shard, self._size = {}, 0
+
+    def close(self) -> None:
+        if self._shard or not self._written:
+            self._flush()
+        ext = "safetensors" if self.safe else "bin"
+        stem = "model" if self.safe else "pytorch_model"
+        n = len(self._written)
+        names = [f"{stem}.{ext}"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
+        for (tmp, _), name in zip(self._written, names):
+            os.replace(tmp, self.directory / name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": {k: name for (_, keys), name in zip(self._written, names) for k in keys}}
+            (self.directory / (SAFE_INDEX if self.safe else BIN_INDEX)).write_text(json.dumps(index, indent=2))

@@ -46,10 +46,11 @@ def test_log_barrier_penalty_and_total_loss():
     scores = torch.tensor([0.0, 4.0, -2.5])
     expected = [-(math.log(x + 5) + math.log(5 - x)) for x in (0.0, 4.0, -2.5)]
     assert reward_loss.log_barrier_penalty(scores).tolist() == pytest.approx(expected, rel=1e-6)
-    # Out of bounds: clamped ε inside, large and finite, not NaN.
+    # Out of bounds: the tangent line at ±(5 − ε) — finite, not NaN, and growing with the distance.
     far = reward_loss.log_barrier_penalty(torch.tensor([7.0, -9.0]))
-    at_bound = -(math.log(1e-3) + math.log(10 - 1e-3))
-    assert far.tolist() == pytest.approx([at_bound, at_bound], rel=1e-4)  # fp32 clamp
+    at_edge = -(math.log(1e-3) + math.log(10 - 1e-3))
+    slope = 1 / 1e-3 - 1 / (10 - 1e-3)
+    assert far.tolist() == pytest.approx([at_edge + slope * (7 - 4.999), at_edge + slope * (9 - 4.999)], rel=1e-4)
 
     chosen, rejected = torch.tensor([1.0, 0.3]), torch.tensor([-1.0, 0.8])
     out = reward_loss.reward_model_loss(chosen, rejected, gamma=2.0, penalty_weight=0.02)
@@ -73,6 +74,32 @@ def test_reward_loss_gradient_pushes_scores_apart_and_inward():
     reward_loss.reward_model_loss(chosen, rejected, penalty_weight=0.02).loss.backward()
     assert chosen.grad.item() == pytest.approx(0.02 * (-1 / 9.95 + 1 / 0.05), rel=1e-3)
     assert rejected.grad.item() < 0
+
+
+def test_barrier_gradient_past_the_bound_points_inward():
+    """A score that escaped (−5, 5) is pulled back: nonzero gradient, inward, continuous at the edge."""
+    scores = torch.tensor([7.0, -7.0, 4.999, 5.0001], requires_grad=True)
+    reward_loss.log_barrier_penalty(scores).sum().backward()
+    slope = 1 / 1e-3 - 1 / (10 - 1e-3)
+    g = scores.grad.tolist()
+    assert g[0] == pytest.approx(slope, rel=1e-4) and g[0] > 0  # descent lowers a score of 7
+    assert g[1] == pytest.approx(-slope, rel=1e-4)  # and raises a score of -7
+    assert g[2] == pytest.approx(slope, rel=1e-2) and g[3] == pytest.approx(slope, rel=1e-4)
+    # Through the whole loss: an escaped chosen score of 7 with a confident margin still moves down.
+    chosen = torch.tensor([7.0], requires_grad=True)
+    reward_loss.reward_model_loss(chosen, torch.tensor([-3.0]), penalty_weight=0.02).loss.backward()
+    assert chosen.grad.item() > 0
+
+
+def test_truncated_responses_lose_the_penalty():
+    from internlm2.plugins.algorithms.reward_shaping import penalize_truncated
+
+    rewards = torch.tensor([1.0, 2.0, -0.5])
+    truncated = torch.tensor([False, True, True])
+    assert penalize_truncated(rewards, truncated, 1.5).tolist() == [1.0, 0.5, -2.0]
+    assert penalize_truncated(rewards, truncated, None) is rewards
+    with pytest.raises(ValueError, match="truncation_penalty"):
+        penalize_truncated(rewards, truncated, -1.0)
 
 
 # ------------------------------------------------------------------------------------------------- DPO

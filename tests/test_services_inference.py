@@ -405,6 +405,10 @@ def test_duplicate_live_request_id_is_rejected(server, client):
 # ---- metrics ---------------------------------------------------------------------------------------------------
 def test_vllm_style_metrics(server, client, checkpoint):
     client.generate("metrics please", max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    stream = client.generate_stream("Cancel me", **LONG)  # a client cancel: finished_reason="cancelled"
+    next(stream)
+    stream.cancel()
+    assert_engine_idle(server)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics", timeout=5).read().decode()
     label = f'model_name="{checkpoint.name}"'
     for name in ("internlm2:num_requests_running", "internlm2:num_requests_waiting", "internlm2:kv_cache_usage_perc"):

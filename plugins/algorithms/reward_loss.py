@@ -9,8 +9,10 @@ For a preference pair with scores r_c (chosen) and r_r (rejected), P = σ(r_c �
     L         = L_rank + λ·L_penalty,  λ = 0.02
 
 Both formulas as quoted by the report's write-ups (shared/research/training.md §1.5); XTuner's
-``RewardModel`` (same team) implements them the same way, with the barrier's scores clamped ε = 1e-3
-inside the bounds so a score that escapes them gives a large finite loss rather than NaN. The focal
+``RewardModel`` (same team) implements them the same way. Past ±(5 − ε) (ε = 1e-3) the barrier
+continues as its tangent line — finite (no NaN for a score that escapes) and, unlike clamping the score
+before the logs, with a gradient that keeps pulling the score back inside: a clamped barrier is flat
+out there, so the ranking loss alone keeps pushing an escaped score further out. The focal
 modulating factor is not detached (as in XTuner). Losses are means over pairs; the penalty sums the
 chosen and the rejected score of each pair.
 """
@@ -35,9 +37,14 @@ def focal_ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, gamma: floa
 
 
 def log_barrier_penalty(scores: torch.Tensor, bound: float = 5.0, eps: float = 1e-3) -> torch.Tensor:
-    """Elementwise −(log(r + bound) + log(bound − r)), with r clamped to [−bound + eps, bound − eps]."""
-    r = scores.float().clamp(-bound + eps, bound - eps)
-    return -(torch.log(r + bound) + torch.log(bound - r))
+    """Elementwise −(log(r + bound) + log(bound − r)) on [−bound + eps, bound − eps], extended linearly
+    (the tangent at the edge) beyond it: the gradient past the edge is the edge's, pointing inward."""
+    r = scores.float()
+    edge = bound - eps
+    inside = r.clamp(-edge, edge)  # no gradient through the clamp outside: the linear part carries it
+    barrier = -(torch.log(inside + bound) + torch.log(bound - inside))
+    slope = 1.0 / eps - 1.0 / (2.0 * bound - eps)  # d/dr of the barrier at +edge (-slope at -edge)
+    return barrier + slope * (torch.relu(r - edge) + torch.relu(-edge - r))  # relu: no double gradient at the edge
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ..algorithms.dpo_loss import dpo_loss
 from ..algorithms.logprobs import sequence_logprobs
 from ..algorithms.models import freeze, frozen_dtype
 from ..contract import Stage, StageContext
-from ..trainer import load_causal_lm, load_tokenizer, run_deepspeed_training, save_final_checkpoint
+from ..trainer import apply_lora, load_causal_lm, load_tokenizer, run_deepspeed_training, save_final_checkpoint
 from .reward_model import PreferenceDataConfig, shard, steps_for_epochs
 
 
@@ -74,13 +74,15 @@ def attach_reference(reference, batches: list[dict], device) -> None:
         batch["ref_chosen"], batch["ref_rejected"] = chosen.float().cpu(), rejected.float().cpu()
 
 
-@torch.no_grad()
-def evaluate(model, batches: Sequence[dict], cfg: DPOConfig, device) -> dict[str, float]:
+def evaluate(forward, batches: Sequence[dict], cfg: DPOConfig) -> dict[str, float]:
+    """Held-out DPO loss, implicit-reward margin and accuracy. ``forward(fn, batch)`` runs ``fn`` inside
+    the training engine's forward: under ZeRO-3 the output head read by the log-probs is only gathered
+    there (outside it is an empty partition)."""
     margins, accs, losses, n = 0.0, 0.0, 0.0, 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        chosen, rejected = pair_logprobs(model, batch)
-        out = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], cfg.beta, cfg.label_smoothing)
+        chosen, rejected = forward(pair_logprobs, batch)
+        out = dpo_loss(chosen, rejected, batch["ref_chosen"].to(chosen.device),
+                       batch["ref_rejected"].to(chosen.device), cfg.beta, cfg.label_smoothing)
         k = chosen.shape[0]
         margins += out.margin * k
         accs += out.accuracy * k
@@ -120,7 +122,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.log(f"{len(pairs) - skipped} training pairs ({skipped} too long), {len(held_out)} held out; "
             "reference log-probs precomputed")
 
-    policy = load_causal_lm(model_dir)  # fp32 on the CPU; DeepSpeed moves it and keeps fp32 masters
+    # Built where it trains (partitioned under ZeRO-3), in the training dtype; DeepSpeed keeps fp32 masters.
+    policy = apply_lora(load_causal_lm(model_dir, cfg), cfg)
 
     def loss_fn(model, batch):
         chosen, rejected = pair_logprobs(model, batch)
@@ -129,18 +132,18 @@ def run(ctx: StageContext) -> dict[str, float]:
                           "chosen_reward": float(out.chosen_rewards.mean()),
                           "rejected_reward": float(out.rejected_rewards.mean())}
 
-    def on_step(step: int, _metrics: dict) -> None:
+    def on_step(step: int, _metrics: dict, forward) -> None:
         if cfg.eval_every and step % cfg.eval_every == 0 and step < train_cfg.max_steps:
-            ctx.log_metrics(step, **evaluate(policy, eval_batches, cfg, policy.device))
+            ctx.log_metrics(step, **evaluate(forward, eval_batches, cfg))
 
     result = run_deepspeed_training(ctx, policy, train_batches, loss_fn, train_cfg, save_final=False,
                                     on_step=on_step)
-    after = evaluate(policy, eval_batches, cfg, policy.device)
+    after = evaluate(result.forward, eval_batches, cfg)
     ctx.log_metrics(result.steps, **after)
     summary = {**result.final_metrics, **after, "skipped_pairs": skipped}
     doc = {"stage": ctx.stage, "name": ctx.name, "steps": result.steps, "resumed_from": result.resumed_from,
            "beta": cfg.beta, "final": summary, "history": result.history}
-    save_final_checkpoint(ctx, policy, tokenizer, doc, zero3=cfg.zero_stage == 3)
+    save_final_checkpoint(ctx, policy, tokenizer, doc)
     return summary
 
 

@@ -29,6 +29,7 @@ from ..trainer import (
     rank_batches,
     run_deepspeed_training,
     save_final_checkpoint,
+    target_tokens,
 )
 from .pretrain import find_dataset
 
@@ -64,7 +65,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     cfg: LongContextConfig = ctx.config
     model_dir = ctx.resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.context_length)
+    model = load_causal_lm(model_dir, cfg, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.context_length)
     seq_len = cfg.seq_len or cfg.context_length
     if seq_len > cfg.context_length:
         raise ValueError(f"seq_len: {seq_len} exceeds context_length={cfg.context_length}")
@@ -74,11 +75,12 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.log(f"rope_theta -> {cfg.rope_theta:g}, context -> {cfg.context_length}; {len(dataset)} rows of {seq_len}")
     batches = rank_batches(dataset, cfg.micro_batch_size, ctx.rank, ctx.world_size, collate,
                            shuffle_seed=cfg.seed if cfg.shuffle else None)
-    result = run_deepspeed_training(ctx, model, batches, packed_lm_loss, cfg, save_final=False)
+    result = run_deepspeed_training(ctx, model, batches, packed_lm_loss, cfg, save_final=False,
+                                    count_targets=target_tokens)
 
     summary = {**result.final_metrics, "initial_loss": result.initial_loss}
     lengths = [n for n in cfg.needle_lengths if n <= cfg.context_length]
-    if lengths:  # every rank sweeps (under ZeRO-3 all must join the parameter gathers); rank 0 writes
+    if lengths:  # every rank sweeps inside the engine's forward (ZeRO-3 gathers there); rank 0 writes
         filler = DEFAULT_FILLER
         if cfg.needle_filler:
             filler = ctx.resolve(cfg.needle_filler, "dataset").read_text(encoding="utf-8")
@@ -90,8 +92,11 @@ def run(ctx: StageContext) -> dict[str, float]:
         def encode(text: str) -> list[int]:
             return tokenizer.encode(text, add_bos=False, allow_special=False)
 
-        grid = evaluate_grid(model.eval(), encode, lengths, cfg.needle_depths, tokenizer.bos_id,
-                             cfg.needles_per_cell, cfg.seed, filler, on_cell)
+        def sweep(m, _batch):
+            return evaluate_grid(m.eval(), encode, lengths, cfg.needle_depths, tokenizer.bos_id,
+                                 cfg.needles_per_cell, cfg.seed, filler, on_cell)
+
+        grid = result.forward(sweep)
         if ctx.is_main:
             (ctx.output_dir / "needle.json").write_text(json.dumps(grid.to_dict(), indent=1))
             png = plot_heatmap(grid, ctx.output_dir / "needle_heatmap.png",
@@ -102,7 +107,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     doc = {"stage": ctx.stage, "name": ctx.name, "steps": result.steps, "resumed_from": result.resumed_from,
            "rope_theta": cfg.rope_theta, "context_length": cfg.context_length, "final": summary,
            "history": result.history}
-    save_final_checkpoint(ctx, model, tokenizer, doc, zero3=cfg.zero_stage == 3)
+    save_final_checkpoint(ctx, model, tokenizer, doc)
     return summary
 
 

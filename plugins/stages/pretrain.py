@@ -19,6 +19,7 @@ from ..trainer import (
     packed_lm_loss,
     rank_batches,
     run_deepspeed_training,
+    target_tokens,
 )
 
 
@@ -48,14 +49,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     cfg: PretrainConfig = ctx.config  # type: ignore[assignment]
     model_path = ctx.resolve_model(cfg.model)
     dataset = PackedTokenDataset(find_dataset(ctx, cfg.data), cfg.seq_len)
-    model = load_causal_lm(model_path)
+    model = load_causal_lm(model_path, cfg)  # where it trains, in its dtype; ZeRO-3: partitioned as built
     if int(dataset[0].input_ids.max()) >= model.config.vocab_size:
         raise ValueError("data: token ids exceed the model's vocabulary (tokenizer and model differ)")
     batches = rank_batches(dataset, cfg.micro_batch_size, ctx.rank, ctx.world_size, collate,
                            shuffle_seed=cfg.seed if cfg.shuffle else None)
     ctx.log(f"{len(dataset)} rows of {cfg.seq_len} tokens from {dataset.meta['num_docs']} documents")
     result = run_deepspeed_training(ctx, model, batches, packed_lm_loss, cfg,
-                                    tokenizer=load_tokenizer(model_path))
+                                    tokenizer=load_tokenizer(model_path), count_targets=target_tokens)
     return {"loss": result.final_metrics.get("loss", float("nan")), "initial_loss": result.initial_loss}
 
 

@@ -25,10 +25,9 @@ from pydantic import Field
 
 from ..algorithms import preference
 from ..algorithms.datasets import read_preference_pairs, split_holdout
-from ..algorithms.models import reward_model_from_checkpoint
 from ..algorithms.reward_loss import reward_model_loss
 from ..contract import Stage, StageContext
-from ..trainer import load_tokenizer, run_deepspeed_training, save_final_checkpoint
+from ..trainer import apply_lora, load_reward_model, load_tokenizer, run_deepspeed_training, save_final_checkpoint
 from ..trainer.config import TrainingConfig
 
 
@@ -97,12 +96,13 @@ def split_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return scores[:n], scores[n:]
 
 
-@torch.no_grad()
-def evaluate_pairs(model, batches: Sequence[dict], device) -> dict[str, float]:
-    """Pairwise accuracy, mean margin and mean scores of a reward model over held-out batches."""
+def evaluate_pairs(forward, batches: Sequence[dict]) -> dict[str, float]:
+    """Pairwise accuracy, mean margin and mean scores of a reward model over held-out batches.
+    ``forward(fn, batch)`` runs ``fn(model, batch)`` through the training engine (ZeRO-3 gathers the
+    weights there; a weight read outside it is an empty partition)."""
     chosen, rejected = [], []
     for batch in batches:
-        c, r = split_scores(model, {k: v.to(device) for k, v in batch.items()})
+        c, r = forward(split_scores, batch)
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
     if not chosen:
@@ -134,8 +134,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     model_dir = ctx.resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     reward_token_id = cfg.reward_token_id if cfg.reward_token_id is not None else tokenizer.reward_token_id
-    # fp32 on the CPU, as every trained model starts: DeepSpeed moves it and keeps fp32 master weights.
-    model = reward_model_from_checkpoint(model_dir, reward_token_id, device="cpu", dtype=torch.float32).train()
+    # Built where it trains (partitioned under ZeRO-3), in the training dtype; DeepSpeed keeps fp32 masters.
+    model = apply_lora(load_reward_model(model_dir, reward_token_id, cfg), cfg)
     ctx.log(f"reward model from {model_dir}: reward_token_id {model.config.reward_token_id}")
 
     pairs = read_preference_pairs(ctx.resolve(cfg.train_data, "dataset"))
@@ -162,17 +162,17 @@ def run(ctx: StageContext) -> dict[str, float]:
         return out.loss, {"accuracy": out.accuracy, "rank_loss": out.rank_loss, "penalty": out.penalty,
                           "chosen_score": out.chosen_mean, "rejected_score": out.rejected_mean}
 
-    def on_step(step: int, _metrics: dict) -> None:
+    def on_step(step: int, _metrics: dict, forward) -> None:
         if cfg.eval_every and step % cfg.eval_every == 0 and step < train_cfg.max_steps:
-            ctx.log_metrics(step, **evaluate_pairs(model, eval_batches, model.device))
+            ctx.log_metrics(step, **evaluate_pairs(forward, eval_batches))
 
     result = run_deepspeed_training(ctx, model, train_batches, loss_fn, train_cfg, save_final=False, on_step=on_step)
-    after = evaluate_pairs(model, eval_batches, model.device)
+    after = evaluate_pairs(result.forward, eval_batches)
     ctx.log_metrics(result.steps, **after)
     summary = {**result.final_metrics, **after, "skipped_pairs": skipped}
     doc = {"stage": ctx.stage, "name": ctx.name, "steps": result.steps, "resumed_from": result.resumed_from,
            "reward_token_id": rid, "final": summary, "history": result.history}
-    save_final_checkpoint(ctx, model, tokenizer, doc, zero3=cfg.zero_stage == 3)
+    save_final_checkpoint(ctx, model, tokenizer, doc)
     return summary
 
 

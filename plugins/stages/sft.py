@@ -35,7 +35,10 @@ from ..trainer import (
     packed_lm_loss,
     rank_batches,
     run_deepspeed_training,
+    target_tokens,
 )
+from ..trainer.lm import normalised_token_loss
+from ..trainer.lora import apply_lora
 
 
 class SFTConfig(TrainingConfig):
@@ -85,8 +88,8 @@ def sft_loss(weight: float, divergence: str):
         attn = DenseAttention(doc_ids=batch["doc_ids"])
         hidden = model.model(batch["input_ids"], batch["position_ids"], attn)  # [B, T, H]
         labels = batch["labels"]
-        ce = kernels.fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.output.weight,
-                                                labels.reshape(-1))
+        ce = normalised_token_loss(kernels.fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), model.output.weight, labels.reshape(-1), reduction="sum"), batch)
         mask = labels != -100
         logits = model.compute_logits(hidden[mask])  # [N, V], answer positions only
         rows = torch.nonzero(mask)[:, 0]
@@ -109,11 +112,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     if truncated:
         ctx.log(f"{truncated} samples longer than max_length={cfg.max_length} were truncated", "WARNING")
     ctx.log(f"{len(conversations)} conversations packed into {len(rows)} rows of {cfg.max_length}")
-    model = load_causal_lm(model_path)
+    model = apply_lora(load_causal_lm(model_path, cfg), cfg)  # where it trains; ZeRO-3: partitioned as built
     batches = rank_batches(rows, cfg.micro_batch_size, ctx.rank, ctx.world_size, collate,
                            shuffle_seed=cfg.seed if cfg.shuffle else None)
     result = run_deepspeed_training(ctx, model, batches, sft_loss(cfg.alignment_weight, cfg.alignment_divergence),
-                                    cfg, tokenizer=tok)
+                                    cfg, tokenizer=tok, count_targets=target_tokens)
     return {"loss": result.final_metrics.get("loss", float("nan")), "initial_loss": result.initial_loss}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..contract import StageConfig
@@ -30,6 +31,23 @@ class TrainingConfig(StageConfig):
     gradient_checkpointing: bool = Field(False, description="Recompute decoder layers in backward.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload the optimizer state to CPU.")
     offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU (needs zero_stage 3).")
+    zero3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank "
+        "(DeepSpeed's stage3_param_persistence_threshold); 0 partitions every parameter.")
+    zero3_max_live_parameters: int = Field(
+        1_000_000_000, ge=1, description="ZeRO-3: most parameters gathered at once (stage3_max_live_parameters).")
+    zero3_prefetch_bucket_size: int = Field(
+        50_000_000, ge=1, description="ZeRO-3: parameters prefetched ahead of use (stage3_prefetch_bucket_size).")
+    zero_bucket_size: int = Field(
+        500_000_000, ge=1, description="ZeRO-2/3 reduce and all-gather bucket size in elements.")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank through peft (0 = full fine-tuning). Only the "
+                           "adapters (and a reward model's v_head) train; final/ holds the merged weights.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = lora_alpha / lora_rank).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["wqkv", "wo", "w1", "w2", "w3"],
+        description="Linear layers (by name) that get LoRA adapters.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to <output>/tensorboard.")
     checkpoint_every: int = Field(50, ge=0, description="Save a resumable checkpoint every N steps (0 = never).")
     keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept (older are deleted).")
     seed: int = Field(0, description="Seed of model init noise, shuffling and dropout.")
@@ -47,3 +65,13 @@ class TrainingConfig(StageConfig):
         if v and info.data.get("zero_stage") == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
         return v
+
+
+def uses_bf16(cfg: TrainingConfig) -> bool:
+    """The one precision rule: bf16 when asked, or on CUDA under "auto"; fp32 otherwise."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+
+
+def training_dtype(cfg: TrainingConfig) -> torch.dtype:
+    """The dtype the trained model's weights are built and loaded in (DeepSpeed keeps fp32 masters)."""
+    return torch.bfloat16 if uses_bf16(cfg) else torch.float32

@@ -16,7 +16,17 @@ Lower-level pieces for stages with several models (PPO): :func:`init_distributed
 ``i -> batch``): micro-batch ``i`` is the same on every attempt, which is what makes resume exact.
 On several ranks each rank passes its own shard (``ctx.rank``/``ctx.world_size``).
 ``loss_fn(model, batch)`` returns a scalar loss or ``(loss, {name: value})``; it runs inside the
-engine's forward, so ZeRO-3 has every parameter it touches gathered.
+engine's forward, so ZeRO-3 has every parameter it touches gathered. Evaluation during and after
+training goes through the engine too (``TrainResult.forward(fn, batch)``, the ``forward`` argument
+of ``on_step``): under ZeRO-3 a weight read outside the engine's forward is an empty partition.
+
+Token-level losses are normalised by the GLOBAL number of target tokens of the optimizer step: with
+``count_targets`` the loop counts the targets of all ``gradient_accumulation_steps`` micro-batches,
+all-reduces the count over the data-parallel ranks first, and hands each micro-batch
+``batch["loss_denominator"]`` = global count / (accumulation steps x ranks), which undoes DeepSpeed's
+own averaging — so the gradient is that of (sum of token losses) / (all target tokens of the step),
+whatever the split into micro-batches and ranks (``lm.packed_lm_loss`` reads it). Logged metrics are
+means over all ranks, not rank 0's.
 """
 
 from __future__ import annotations
@@ -37,8 +47,11 @@ from torch import nn
 
 from ..contract import ArtifactKind, StageCancelled, StageContext
 from .activation_checkpointing import apply_activation_checkpointing
-from .config import TrainingConfig
-from .distributed import any_rank, barrier
+from .config import TrainingConfig, uses_bf16
+from .distributed import any_rank, barrier, mean_across_ranks, sum_across_ranks
+from .export import export_model
+from .loading import is_partitioned
+from .tracking import MetricsTracker
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]"]
@@ -51,6 +64,12 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None  # the final checkpoint folder (None when not saved)
     resumed_from: int = 0  # the step training restarted at (0 = from scratch)
+    engine: Any = field(default=None, repr=False, compare=False)  # the DeepSpeed engine (still live)
+
+    def forward(self, fn: Callable[[nn.Module, Batch], Any], batch: Batch = None) -> Any:
+        """``fn(model, batch)`` without gradients inside the engine's forward (ZeRO-3 gathers what
+        ``fn`` touches); every rank must call it under ZeRO-3."""
+        return engine_forward(self.engine, fn, batch)
 
     @property
     def initial_loss(self) -> float:
@@ -87,13 +106,18 @@ def init_distributed() -> None:
 def deepspeed_config(cfg: TrainingConfig) -> dict[str, Any]:
     """The DeepSpeed JSON for ``cfg`` (concrete values only: no "auto")."""
     on_cuda = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
+    bf16 = uses_bf16(cfg)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
         zero.update(contiguous_gradients=True, overlap_comm=on_cuda, reduce_scatter=True,
-                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+                    reduce_bucket_size=cfg.zero_bucket_size, allgather_bucket_size=cfg.zero_bucket_size)
     if cfg.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+        # final/ is written by export.export_model (a module at a time), not by DeepSpeed's
+        # save_16bit_model, which gathers the whole model on rank 0.
+        zero.update(stage3_param_persistence_threshold=cfg.zero3_param_persistence_threshold,
+                    stage3_max_live_parameters=cfg.zero3_max_live_parameters,
+                    stage3_prefetch_bucket_size=cfg.zero3_prefetch_bucket_size,
+                    stage3_gather_16bit_weights_on_model_save=False)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if cfg.offload_params:
@@ -131,15 +155,24 @@ def lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
 
 
 class LossModule(nn.Module):
-    """The module DeepSpeed wraps: ``forward(batch)`` = ``loss_fn(model, batch)``."""
+    """The module DeepSpeed wraps: ``forward(batch)`` = ``loss_fn(model, batch)``; ``forward(batch, fn)``
+    runs another function of the model (evaluation) inside the same forward."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch: Batch):
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: Batch, fn: Callable[[nn.Module, Batch], Any] | None = None):
+        return (fn or self.loss_fn)(self.model, batch)
+
+
+def engine_forward(engine, fn: Callable[[nn.Module, Batch], Any], batch: Batch = None) -> Any:
+    """``fn(model, batch)`` with no gradients, inside ``engine``'s forward (so ZeRO-3 gathers every
+    parameter ``fn`` uses through the module hooks, and the output head registered as external).
+    Collective under ZeRO-3: every rank calls it the same number of times."""
+    with torch.no_grad():
+        return engine(_to_device(batch, engine.device), fn=fn)
 
 
 def build_engine(model: nn.Module, loss_fn: LossFn, cfg: TrainingConfig,
@@ -196,22 +229,34 @@ def run_deepspeed_training(
     save_final: bool = True,
     final_name: str = "final",
     extra_metrics: Mapping[str, Any] | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float], Callable], None] | None = None,
+    count_targets: Callable[[Batch], int] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``config.max_steps`` optimizer steps (see the module docstring).
 
     Raises StageCancelled at a step boundary once the job is cancelled. ``tokenizer`` (anything
-    with ``save_pretrained``) is written beside the final weights. ``on_step(step, metrics)`` runs
-    after each optimizer step on every rank (evaluation hooks). Returns the TrainResult on every rank.
+    with ``save_pretrained``) is written beside the final weights. ``on_step(step, metrics, forward)``
+    runs after each optimizer step on every rank (evaluation hooks; ``forward(fn, batch)`` is
+    :func:`engine_forward` on this engine). ``count_targets(batch)``: the target tokens of a
+    micro-batch, for the global normalisation (module docstring). Returns the TrainResult on every rank.
     """
     torch.manual_seed(config.seed)
     engine = build_engine(model, loss_fn, config)
     device = engine.device
     get_batch = _batch_getter(batches)
     accum = config.gradient_accumulation_steps
+    tracker = MetricsTracker(ctx, enabled=config.tensorboard)
+
+    def forward(fn, batch=None):
+        return engine_forward(engine, fn, batch)
 
     ctx.log(f"DeepSpeed ZeRO-{config.zero_stage} on {ctx.world_size} rank(s), device {device}, "
             f"{'bf16' if engine.bfloat16_enabled() else 'fp32'}")
+    if config.zero_stage == 3:
+        params = list(model.parameters())
+        held = sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))
+        ctx.log(f"ZeRO-3: {sum(map(is_partitioned, params))} of {len(params)} parameters partitioned; "
+                f"rank {ctx.rank} holds {held} of {sum(getattr(p, 'ds_numel', p.numel()) for p in params)} elements")
     start, history = 0, []
     resume = ctx.latest_checkpoint()
     if resume is not None:
@@ -227,8 +272,14 @@ def run_deepspeed_training(
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         tokens = 0
-        for j in range(accum):
-            batch = _to_device(get_batch(step * accum + j), device)
+        micro = [get_batch(step * accum + j) for j in range(accum)]
+        if count_targets is not None:
+            # sum over ranks first: every rank divides by the same global count
+            total = sum_across_ranks(float(sum(count_targets(b) for b in micro)))
+            denominator = torch.tensor(max(total, 1.0) / (accum * ctx.world_size))
+            micro = [{**b, "loss_denominator": denominator} for b in micro]
+        for batch in micro:
+            batch = _to_device(batch, device)
             out = engine(batch)
             loss, extra = (out if isinstance(out, tuple) else (out, {}))
             engine.backward(loss)
@@ -239,7 +290,7 @@ def run_deepspeed_training(
             if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
                 tokens += batch["input_ids"].numel()
         elapsed = time.perf_counter() - t0
-        metrics = {k: v / accum for k, v in sums.items()}
+        metrics = mean_across_ranks({k: v / accum for k, v in sums.items()})
         metrics["lr"] = float(engine.get_lr()[0])
         norm = engine.get_global_grad_norm()
         if norm is not None:
@@ -248,19 +299,20 @@ def run_deepspeed_training(
             metrics["tokens_per_s"] = tokens * ctx.world_size / max(elapsed, 1e-9)
         history.append({"step": step + 1, **metrics})
         ctx.report_progress(step + 1, config.max_steps, **metrics)
+        tracker.log(step + 1, metrics)
         if on_step is not None:
-            on_step(step + 1, metrics)
+            on_step(step + 1, metrics, forward)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
             _save_resumable(ctx, engine, step + 1, history, config.keep_checkpoints)
 
+    tracker.close()
     final_metrics = {**metrics, **{k: _scalar(v) for k, v in (extra_metrics or {}).items()}}
     checkpoint = None
     if save_final:
         doc = {"stage": ctx.stage, "name": ctx.name, "steps": config.max_steps, "resumed_from": start,
                "final": final_metrics, "history": history}
-        checkpoint = save_final_checkpoint(ctx, model, tokenizer, doc, zero3=config.zero_stage == 3,
-                                           name=final_name)
-    return TrainResult(config.max_steps, final_metrics, history, checkpoint, start)
+        checkpoint = save_final_checkpoint(ctx, model, tokenizer, doc, name=final_name)
+    return TrainResult(config.max_steps, final_metrics, history, checkpoint, start, engine)
 
 
 def _save_resumable(ctx: StageContext, engine, step: int, history: list, keep: int) -> None:
@@ -275,20 +327,18 @@ def _save_resumable(ctx: StageContext, engine, step: int, history: list, keep: i
 
 
 def save_final_checkpoint(ctx: StageContext, model: nn.Module, tokenizer: Any, metrics_doc: dict[str, Any],
-                          zero3: bool = False, name: str = "final") -> Path:
-    """Write ``model`` in the official layout (+ tokenizer files) to ``ctx.output_dir / name`` and
-    ``metrics.json`` beside it; register both as artifacts. Call on every rank (ZeRO-3 gathers)."""
+                          zero3: bool | None = None, name: str = "final") -> Path:
+    """Write ``model`` in the official layout (+ tokenizer files) to ``ctx.output_dir / name``,
+    ``metrics.json`` and ``metrics.png`` (the history's curves) beside it; register them as artifacts.
+    Call on every rank: ZeRO-3 partitions are gathered a module at a time and LoRA adapters merged
+    (``export.export_model``; ``zero3`` is detected from the parameters and kept for old callers)."""
+    del zero3
     out = ctx.output_dir / name
     tmp = ctx.output_dir / f".{name}.tmp"
     if ctx.is_main and tmp.exists():
         shutil.rmtree(tmp)
-    if zero3:
-        deepspeed = _deepspeed()
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if ctx.is_main:
-                model.save_pretrained(tmp)
-    elif ctx.is_main:
-        model.save_pretrained(tmp)
+    barrier()
+    export_model(model, tmp, ctx.is_main)
     if ctx.is_main:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -299,5 +349,11 @@ def save_final_checkpoint(ctx: StageContext, model: nn.Module, tokenizer: Any, m
         metrics_path.write_text(json.dumps(metrics_doc, indent=1, allow_nan=True))
         ctx.add_artifact(name, out, ArtifactKind.CHECKPOINT)
         ctx.add_artifact("metrics", metrics_path, ArtifactKind.OTHER)
+        history = metrics_doc.get("history") or []
+        if history:
+            from .tracking import plot_history
+
+            ctx.add_artifact("metrics_plot", plot_history(history, ctx.output_dir / "metrics.png",
+                                                          title=f"{ctx.stage}: {ctx.name}"), ArtifactKind.OTHER)
     barrier()
     return out

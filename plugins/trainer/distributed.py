@@ -1,4 +1,4 @@
-"""The two collectives every training loop needs (the shared trainer and PPO's own loop); no-ops on one rank."""
+"""The collectives every training loop needs (the shared trainer and PPO's own loop); no-ops on one rank."""
 
 from __future__ import annotations
 
@@ -22,3 +22,28 @@ def any_rank(flag: bool) -> bool:
 def barrier() -> None:
     if _group_size() > 1:
         torch.distributed.barrier()
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sum_across_ranks(value: float) -> float:
+    """The sum of ``value`` over all ranks (e.g. target tokens, before normalising a loss); fp64."""
+    if _group_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over all ranks (every rank passes the same keys); one all-reduce.
+    Logged training metrics are the whole data-parallel batch's, not rank 0's share."""
+    if _group_size() == 1 or not metrics:
+        return dict(metrics)
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(t)
+    t /= _group_size()
+    return dict(zip(keys, t.tolist()))

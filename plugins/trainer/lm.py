@@ -1,8 +1,11 @@
-"""Language-model pieces the training stages share: loading, the packed LM loss, rank sharding.
+"""Language-model pieces the training stages share: the packed LM loss, rank sharding, the tokenizer.
 
 ``packed_lm_loss(model, batch)`` is the causal-LM loss of a packed batch
 ``{"input_ids", "labels", "doc_ids", "position_ids"}`` through ``model.loss`` (the core's fused
-linear + cross-entropy, never full fp32 logits), attention kept inside each document.
+linear + cross-entropy, never full fp32 logits), attention kept inside each document: the SUM of the
+token losses divided by ``batch["loss_denominator"]`` when the training loop supplies it (the global
+target count, see ``deepspeed_loop``), else the micro-batch's token mean. (Model loading lives in
+``loading``; ``load_causal_lm`` is re-exported here for old imports.)
 """
 
 from __future__ import annotations
@@ -16,17 +19,11 @@ import torch
 from internlm2.core import InternLM2ForCausalLM
 from internlm2.core.attention import DenseAttention
 
+from .loading import load_causal_lm
 
-def load_causal_lm(path: str | Path, **config_overrides: Any) -> InternLM2ForCausalLM:
-    """fp32 weights on CPU in train mode (DeepSpeed moves and casts them); ``config_overrides``
-    (e.g. ``rope_theta``) replace fields of the checkpoint's config."""
-    config = None
-    if config_overrides:
-        from internlm2.core import InternLM2Config
+__all__ = ["load_causal_lm", "load_tokenizer", "packed_lm_loss", "rank_batches", "target_tokens"]
 
-        config = InternLM2Config.from_pretrained(path).replace(**config_overrides)
-    model = InternLM2ForCausalLM.from_pretrained(path, dtype=torch.float32, device="cpu", config=config)
-    return model.train()
+IGNORE = -100
 
 
 def load_tokenizer(path: str | Path):
@@ -35,11 +32,25 @@ def load_tokenizer(path: str | Path):
     return InternLM2Tokenizer.from_pretrained(path)
 
 
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The target tokens of a micro-batch (labels not IGNORE): ``count_targets`` of the LM stages."""
+    return int((batch["labels"] != IGNORE).sum())
+
+
+def normalised_token_loss(token_loss_sum: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed token losses / the loop's ``loss_denominator`` (global), or / this batch's targets."""
+    denominator = batch.get("loss_denominator")
+    if denominator is None:
+        denominator = max(target_tokens(batch), 1)
+    return token_loss_sum / denominator
+
+
 def packed_lm_loss(model: InternLM2ForCausalLM, batch: dict[str, torch.Tensor]):
-    """(mean token loss, {"tokens": number of target tokens})."""
+    """(token loss normalised as the module docstring says, {"target_tokens": targets in the batch})."""
     attn = DenseAttention(doc_ids=batch["doc_ids"])
-    loss = model.loss(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], attn=attn)
-    return loss, {"target_tokens": (batch["labels"] != -100).sum().float()}
+    total = model.loss(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], attn=attn,
+                       reduction="sum")
+    return normalised_token_loss(total, batch), {"target_tokens": float(target_tokens(batch))}
 
 
 def rank_batches(rows: Sequence[Any], micro_batch_size: int, rank: int, world_size: int,
