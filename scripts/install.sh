@@ -11,3 +11,9 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
 python -m pip install -q -e "./sdk/python[dev]" -e ".[test]"
+# The gateway's playground test drives Debian's chromium through playwright (which must never download a
+# browser of its own: `playwright install` is not used). Installed once, when missing; needs root.
+if ! command -v chromium >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "install.sh: could not install chromium; tests/test_playground.py will skip" >&2
+fi
