@@ -51,6 +51,7 @@ EXPECTED = {
     ("serve", "reward"),
     ("serve", "training"),
     ("serve", "worker"),
+    ("serve", "gateway"),
 }
 
 

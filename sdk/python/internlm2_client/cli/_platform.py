@@ -132,6 +132,7 @@ def register(subparsers) -> None:
     w.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ... (default: INFO)")
     w.add_argument("--work-dir", default=None, metavar="DIR", help="where stages write their artifacts")
     w.set_defaults(func=_lazy("internlm2.services.cli_entry", "serve"))
+    _add_gateway(sub)
 
     up = subparsers.add_parser(
         "up",
@@ -200,3 +201,43 @@ def _lazy(module: str, function: str):
 
     handler.__qualname__ = f"{module}:{function}"
     return handler
+
+
+GATEWAY_PORTS = (8000, 9106)  # HTTP, Prometheus metrics
+
+
+def _add_gateway(sub) -> None:
+    """`internlm2 serve gateway`: the OpenAI-compatible HTTP gateway in front of the gRPC services."""
+    port, metrics_port = GATEWAY_PORTS
+    g = sub.add_parser(
+        "gateway",
+        help=f"the OpenAI-compatible HTTP gateway and playground (port {port})",
+        description="Serve OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), vLLM's /tokenize, "
+        "/detokenize, /score and /pooling, training jobs as JSON and the browser playground at /, in front of "
+        "the gRPC services. GET /health is liveness, GET /ready readiness (every configured backend SERVING).",
+    )
+    for service, default_port in SERVE_PORTS.items():
+        g.add_argument(f"--{service}", default=None, metavar="HOST:PORT",
+                       help=f"the {service} service (e.g. 127.0.0.1:{default_port[0]}); unset: not offered")
+    g.add_argument("--host", default="0.0.0.0", help="interface to bind (default: 0.0.0.0)")
+    g.add_argument("--port", type=int, default=port, help=f"HTTP port (default: {port})")
+    g.add_argument("--metrics-port", type=int, default=metrics_port,
+                   help=f"Prometheus metrics HTTP port (default: {metrics_port}; 0 = off)")
+    g.add_argument("--auth-token-env", default="INTERNLM2_AUTH_TOKEN", metavar="VAR",
+                   help="environment variable holding the bearer token clients must send, also sent to the "
+                   "services; unset variable = auth off (default: INTERNLM2_AUTH_TOKEN)")
+    g.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); enables HTTPS")
+    g.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    g.add_argument("--tls-client-ca", metavar="FILE", help="CA (PEM) that client certificates must chain to: mTLS")
+    g.add_argument("--backend-ca-cert", metavar="FILE", help="CA (PEM) of the services' certificates; enables TLS")
+    g.add_argument("--backend-client-cert", metavar="FILE", help="client certificate (PEM) for the services' mTLS")
+    g.add_argument("--backend-client-key", metavar="FILE", help="client private key (PEM) for the services' mTLS")
+    g.add_argument("--backend-server-name", metavar="NAME", help="expected name in the services' certificates")
+    g.add_argument("--reward-model-name", default=None, metavar="NAME",
+                   help="model id of the reward model in /v1/models, /score, /pooling (default: internlm2-reward)")
+    g.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ... (default: INFO)")
+    g.add_argument("--drain", type=float, default=None, metavar="S",
+                   help="on SIGTERM, answer /ready with 503 for S seconds before closing the port")
+    g.add_argument("--grace", type=float, default=None, metavar="S",
+                   help="on SIGTERM, let in-flight requests (streams too) finish for S seconds")
+    g.set_defaults(func=_lazy("internlm2.services.gateway.server", "serve"))
