@@ -45,6 +45,7 @@ EXPECTED = {
     ("train", "status"),
     ("train", "watch"),
     ("train", "cancel"),
+    ("train", "retry"),
     ("serve",),
     ("serve", "tokenizer"),
     ("serve", "inference"),

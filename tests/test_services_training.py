@@ -9,13 +9,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import grpc
 import pytest
 from services_fixtures import BackgroundApp, tiny_checkpoints
 
 from internlm2.services.common import GrpcApp, ServerConfig
 from internlm2.services.local_stack import EmbeddedRedis
 from internlm2.services.training import TrainingService
+from internlm2.v1 import training_pb2, training_pb2_grpc
 from internlm2_client import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -23,11 +26,14 @@ from internlm2_client import (
     JobState,
     NotFoundError,
     TrainingClient,
+    UnavailableError,
+    check_health,
 )
 
 pytestmark = pytest.mark.timeout(180)
 
 CLI = "import sys; from internlm2_client.cli import main; sys.exit(main(sys.argv[1:]))"
+SERVICE = "internlm2.v1.TrainingService"
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +156,77 @@ def test_idempotent_submit_and_list_filters(client, corpus):
     assert info.value.field == "page_size"
 
 
+def test_inputs_reach_the_job_and_paths_outside_the_roots_are_refused(server, client, corpus, tmp_path_factory):
+    tokenizer, docs = corpus["tokenizer"], corpus["sources"][0]
+    job = client.submit_job(
+        [{"stage": "prepare_data", "config": {**corpus, "tokenizer": "input:tok", "sources": ["input:docs"]}}],
+        inputs={"checkpoints": {"tok": tokenizer}, "datasets": {"docs": docs}},
+    ).job
+    client.cancel_job(job.job_id)  # the worker starts only in the last test
+    with grpc.insecure_channel(server.address) as channel:  # the proto carries the inputs back
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        stored = stub.GetJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=30).job.inputs
+    assert dict(stored.checkpoints) == {"tok": tokenizer} and dict(stored.datasets) == {"docs": docs}
+    missing = str(tmp_path_factory.mktemp("empty") / "nothing.jsonl")
+    cases = [
+        ({"inputs": {"checkpoints": {"base": "/etc"}}}, corpus, "inputs.checkpoints.base"),
+        ({"inputs": {"datasets": {"d": missing}}}, corpus, "inputs.datasets.d"),
+        ({}, {**corpus, "sources": ["/etc/passwd"]}, "stages[0].config.sources[0]"),
+        ({}, {**corpus, "sources": [missing]}, "stages[0].config.sources[0]"),
+        ({}, {**corpus, "launch": {"num_nodes": 2}}, "stages[0].config.launch.num_nodes"),
+        ({}, {**corpus, "launch": {"env": {"LD_PRELOAD": "/x.so"}}}, "stages[0].config.launch.env.LD_PRELOAD"),
+    ]
+    for extra, config, field in cases:
+        with pytest.raises(InvalidArgumentError) as info:
+            client.submit_job([{"stage": "prepare_data", "config": config}], **extra)
+        assert info.value.field == field, info.value
+
+
+def test_retry_queues_a_cancelled_job_again(client, corpus):
+    job = client.submit_job([{"stage": "prepare_data", "config": corpus}]).job
+    assert client.cancel_job(job.job_id).state == JobState.CANCELLED
+    retried = client.retry_job(job.job_id)
+    assert retried.state == JobState.QUEUED and not retried.error and retried.stages[0].state == JobState.QUEUED
+    with pytest.raises(FailedPreconditionError):
+        client.retry_job(job.job_id)  # only FAILED or CANCELLED jobs
+    client.cancel_job(job.job_id)
+    events = list(client.watch_job(job.job_id, timeout=60))  # through both terminal events to the last
+    states = [e.state for e in events if e.kind == JobEventKind.STATE and not e.stage]
+    assert states == [JobState.QUEUED, JobState.CANCELLED, JobState.QUEUED, JobState.CANCELLED]
+
+
+def test_redis_outage_means_not_serving_and_unavailable_then_recovery(tmp_path_factory, corpus):
+    redis = EmbeddedRedis(tmp_path_factory.mktemp("redis-outage"))
+    app = GrpcApp(ServerConfig("training", host="127.0.0.1", port=0),
+                  [service := TrainingService(redis.url, str(tmp_path_factory.mktemp("jobs-outage")))])
+    service.health = app.health
+    server = BackgroundApp(app).start()
+    try:
+        with TrainingClient(server.address, timeout=10, retry=None) as c:
+            job = c.submit_job([{"stage": "prepare_data", "config": corpus}]).job
+            assert check_health(server.address, SERVICE) == "SERVING"
+            redis.kill9()
+            wait(lambda: check_health(server.address, SERVICE) == "NOT_SERVING", "NOT_SERVING")
+            assert check_health(server.address, "") == "NOT_SERVING"
+            with pytest.raises(UnavailableError):
+                c.get_job(job.job_id)
+            redis.start()
+            wait(lambda: check_health(server.address, SERVICE) == "SERVING", "SERVING again")
+            assert c.get_job(job.job_id).job_id == job.job_id  # acknowledged before the crash: kept
+            c.cancel_job(job.job_id)
+    finally:
+        server.stop()
+        redis.close()
+
+
+def wait(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout}s")
+        time.sleep(0.1)
+
+
 def test_a_stage_runs_on_the_worker_and_jobs_survive_a_restart(server, redis_url, work_dir, corpus, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "INTERNLM2_WORK_DIR": str(work_dir)}
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
@@ -205,3 +282,24 @@ def test_a_stage_runs_on_the_worker_and_jobs_survive_a_restart(server, redis_url
             worker.kill()
             worker.wait()
         log.close()
+
+
+def test_train_cli_rejects_malformed_arguments_in_one_line(capsys, tmp_path):
+    from internlm2_client.cli import main
+
+    bad_file = tmp_path / "pipeline.json"
+    bad_file.write_text("{not json")
+    cases = [
+        (["--stage", "sft={bad"], "--stage sft: invalid JSON"),
+        (["--pipeline", str(bad_file)], f"--pipeline {bad_file}: invalid JSON"),
+        (["--stage", "sft=@/no/such/file.json"], "cannot read"),
+        (["--stage", "sft", "--input", "model:base=/m"], "--input model:base=/m: expected"),
+    ]
+    for argv, message in cases:
+        assert main(["train", "submit", *argv, "--address", "127.0.0.1:1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    from internlm2_client.cli._training import parse_inputs
+
+    assert parse_inputs(["checkpoint:base=/m", "docs=/d"]) == {
+        "checkpoints": {"base": "/m", "docs": "/d"}, "datasets": {"docs": "/d"}}

@@ -174,7 +174,8 @@ class JobStore:
               stop: Callable[[], bool] | None = None) -> Iterator[JobEvent]:
         """Events with sequence > ``after_sequence``, then new ones as they happen; ends after the
         event that makes the job terminal (or at once if that event was already passed), or when
-        ``stop()`` returns True (checked at least every ``block_s``)."""
+        ``stop()`` returns True (checked at least every ``block_s``). A terminal event followed by
+        more (the job was retried) does not end the stream."""
         self.get(job_id)
         last = int(after_sequence)
         while True:
@@ -182,7 +183,7 @@ class JobStore:
             for event in events:
                 last = event.sequence
                 yield event
-                if event.is_terminal:
+                if event.is_terminal and self.store.last_sequence(job_id) <= last:
                     return
             if not events:
                 if stop is not None and stop():

@@ -231,6 +231,9 @@ class KubernetesRun:
     def failure(self, rc: int) -> str:
         return f"kubernetes job {self.name} failed (see its pods' logs)"
 
+    def keepalive(self, renewed_at: float) -> None:
+        """Pods check their fence in Redis when they commit; nothing local to feed."""
+
 
 class KubernetesLauncher:
     def __init__(self, pod: StagePodSettings, store: RedisStore):

@@ -7,7 +7,10 @@ rank it rebuilds the StageContext, calls ``stage.run(ctx)`` and, on rank 0, emit
 Exit status: 0 succeeded, 1 failed, 3 cancelled, 4 fenced (a newer run owns the stage).
 
 The process dies with its parent (PR_SET_PDEATHSIG): a worker killed with SIGKILL takes its
-training processes with it, so a stage resumed elsewhere never races a leftover copy.
+training processes with it, so a stage resumed elsewhere never races a leftover copy. A watchdog
+thread kills the run's process group when its supervisor stops confirming lease renewals (the
+spec's ``watchdog`` file), so a frozen or partitioned supervisor cannot leave a copy running past
+its lease either; and commits are fenced (``channels``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -41,6 +46,25 @@ def die_with_parent() -> None:
         os._exit(EXIT_FAILED)
 
 
+def start_watchdog(path: str, deadline_s: float) -> None:
+    """Kill this run's whole process group when its supervisor has not confirmed a lease renewal
+    (the file's mtime) for ``deadline_s``: a frozen or partitioned supervisor cannot stop it, and
+    its lease is about to expire, after which another worker may start the stage."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(min(0.5, deadline_s / 4))
+            try:
+                age = time.time() - os.stat(path).st_mtime
+            except FileNotFoundError:
+                age = float("inf")
+            if age > deadline_s:
+                print(f"watchdog: no lease renewal for {age:.1f} s; stopping this run", file=sys.stderr, flush=True)
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=loop, name="internlm2-watchdog", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -48,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     die_with_parent()
     spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("watchdog"):
+        start_watchdog(spec["watchdog"]["path"], float(spec["watchdog"]["deadline_s"]))
     import torch  # decide the DeepSpeed accelerator before any stage imports deepspeed
 
     if not torch.cuda.is_available():

@@ -57,6 +57,10 @@ class Run(Protocol):
     def failure(self, rc: int) -> str:
         """A message for a run that ended with ``rc`` and no result."""
 
+    def keepalive(self, renewed_at: float) -> None:
+        """The lease was renewed with a call sent at ``renewed_at`` (Unix time): feed the run's
+        watchdog, which stops it when this stops happening."""
+
 
 class Launcher(Protocol):
     def start(self, job: Job, index: int, attempt: int) -> Run: ...
@@ -116,9 +120,14 @@ _PREEXEC = _prctl_deathsig()
 
 
 class LocalRun:
-    def __init__(self, proc: subprocess.Popen, channel: FileChannel, log_path: Path, attempt: int):
+    def __init__(self, proc: subprocess.Popen, channel: FileChannel, log_path: Path, attempt: int, alive: Path):
         self.proc, self.channel, self.log_path, self.attempt = proc, channel, log_path, attempt
+        self.alive = alive
         self._tail = FileTail(channel.events_path)
+
+    def keepalive(self, renewed_at: float) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.alive, (renewed_at, renewed_at))
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -156,7 +165,11 @@ class LocalRun:
 
 
 class LocalLauncher:
-    """Runs a stage on this machine; files of run ``attempt`` live in the stage's output folder."""
+    """Runs a stage on this machine; files of run ``attempt`` live in the stage's output folder.
+    ``watchdog_s``: the run kills itself when its keepalive file is older than this."""
+
+    def __init__(self, watchdog_s: float):
+        self.watchdog_s = watchdog_s
 
     def start(self, job: Job, index: int, attempt: int) -> LocalRun:
         st = job.stages[index]
@@ -168,7 +181,11 @@ class LocalLauncher:
         channel = FileChannel(out / f".events-{attempt}.jsonl", out / ".cancel", out / ".fence", attempt)
         channel.cancel_path.unlink(missing_ok=True)
         channel.events_path.unlink(missing_ok=True)
-        spec = write_run_spec(out / f"{RUN_MARKER}{attempt}.json", run_spec(job, index, attempt, channel.spec()))
+        alive = out / f".alive-{attempt}"
+        alive.touch()  # the claim just took the lease
+        spec = run_spec(job, index, attempt, channel.spec())
+        spec["watchdog"] = {"path": str(alive), "deadline_s": self.watchdog_s}
+        spec = write_run_spec(out / f"{RUN_MARKER}{attempt}.json", spec)
         cmd, extra_env = build_command(launch, spec, free_port())
         env = {**os.environ, **extra_env, **launch.get("env", {})}
         log_path = out / f"stage-{attempt}.log"
@@ -176,4 +193,4 @@ class LocalLauncher:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     cwd=out, start_new_session=True, preexec_fn=_PREEXEC)
-        return LocalRun(proc, channel, log_path, attempt)
+        return LocalRun(proc, channel, log_path, attempt, alive)

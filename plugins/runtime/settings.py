@@ -107,8 +107,9 @@ class RuntimeSettings:
 
     @property
     def renew_every_s(self) -> float:
-        """Lease renewal period: four chances per lease."""
-        return self.lease_ttl_s / 4
+        """Lease renewal period: a Redis outage up to ``stop_after_s - renew_every_s`` (a third of
+        the lease) goes unnoticed by the stage."""
+        return self.lease_ttl_s / 6
 
     @property
     def stop_after_s(self) -> float:
@@ -119,6 +120,8 @@ class RuntimeSettings:
 
     @property
     def kill_after_s(self) -> float:
+        """Also the training process's own watchdog: it kills its process group when its supervisor
+        has not confirmed a renewal for this long (a frozen or partitioned supervisor)."""
         return self.lease_ttl_s * 0.7
 
     @property

@@ -43,7 +43,7 @@ def launcher_for(job: Job, index: int, settings: RuntimeSettings):
         from .k8s import KubernetesLauncher
 
         return KubernetesLauncher.from_settings(settings)
-    return LocalLauncher()
+    return LocalLauncher(watchdog_s=settings.kill_after_s)
 
 
 class Supervision:
@@ -80,13 +80,14 @@ class Supervision:
 
     def renew(self) -> bool | None:
         """True renewed, False lease lost, None Redis unreachable."""
-        sent = time.monotonic()
+        sent, sent_wall = time.monotonic(), time.time()
         ok, renewed = self.talk(lambda: self.jobs.heartbeat(self.job_id, self.index, self.claim.token,
                                                             self.settings.lease_ttl_s))
         if not ok:
             return None
         if renewed:
             self.renewed_at = sent
+            self.run.keepalive(sent_wall)
         return bool(renewed)
 
     def flush(self) -> bool | None:

@@ -173,10 +173,12 @@ class TrainingAPI:
         idempotency_key: str = "",
         name: str = "",
         labels: Mapping[str, str] | None = None,
+        inputs: Mapping[str, Mapping[str, str]] | None = None,
     ) -> t.Submission:
         """Submits a pipeline of stages; with an idempotency key a resubmit returns the
-        first job (`created=False`)."""
-        return cv.submit_job_request(stages, idempotency_key, name, labels)
+        first job (`created=False`). `inputs`: named paths stages refer to as "input:NAME",
+        `{"checkpoints": {"base": "/models/x"}, "datasets": {"chat": "/data/c.jsonl"}}`."""
+        return cv.submit_job_request(stages, idempotency_key, name, labels, inputs)
 
     @unary("GetJob", returns=lambda resp: cv.job_from_pb(resp.job))
     def get_job(job_id: str) -> t.Job:
@@ -207,6 +209,12 @@ class TrainingAPI:
     def cancel_job(job_id: str, *, reason: str = "") -> t.Job:
         """Asks a job to stop (FailedPreconditionError if it already ended)."""
         return training_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+
+    @unary("RetryJob", returns=lambda resp: cv.job_from_pb(resp.job))
+    def retry_job(job_id: str) -> t.Job:
+        """Queues a FAILED or CANCELLED job again, resuming from its last committed checkpoint
+        (FailedPreconditionError for a job in any other state)."""
+        return training_pb2.RetryJobRequest(job_id=job_id)
 
     @server_stream("WatchJob", each=cv.job_event_from_pb)
     def watch_job(job_id: str, *, after_sequence: int = 0) -> ServerStream[t.JobEvent]:  # noqa: F821

@@ -461,14 +461,21 @@ def job_from_pb(pb: training_pb2.Job) -> t.Job:
 
 
 def submit_job_request(
-    stages, idempotency_key: str, name: str, labels: Mapping[str, str] | None
+    stages, idempotency_key: str, name: str, labels: Mapping[str, str] | None, inputs: Mapping | None = None
 ) -> training_pb2.SubmitJobRequest:
     specs = [t.StageSpec.coerce(s) for s in stages]
+    inputs = dict(inputs or {})
+    unknown = set(inputs) - {"checkpoints", "datasets"}
+    if unknown:
+        raise ValueError(f"inputs: unknown keys {sorted(unknown)} (expected checkpoints, datasets)")
     return training_pb2.SubmitJobRequest(
         stages=[training_pb2.StageSpec(stage=s.stage, config=dict_to_struct(s.config), name=s.name) for s in specs],
         idempotency_key=idempotency_key,
         name=name,
         labels=dict(labels or {}),
+        inputs=training_pb2.JobInputs(
+            checkpoints=dict(inputs.get("checkpoints", {})), datasets=dict(inputs.get("datasets", {}))
+        ),
     )
 
 

@@ -1,4 +1,4 @@
-"""`internlm2 train stages|submit|status|watch|cancel`."""
+"""`internlm2 train stages|submit|status|watch|cancel|retry`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from internlm2_client.types import Job, JobEvent, JobEventKind, JobState, StageS
 def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train",
-        help="training jobs: stages, submit, status, watch, cancel",
+        help="training jobs: stages, submit, status, watch, cancel, retry",
         description="Submit and follow training pipelines on the training service.",
     )
     sub = train.add_subparsers(dest="train_command", metavar="COMMAND", required=True)
@@ -48,6 +48,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--name", default=None, help="display name")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label (repeatable)")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="[checkpoint:|dataset:]NAME=PATH",
+        help='a named job input stages refer to as "input:NAME" (repeatable); without a kind prefix it is '
+        'offered as both; "base" is the default model, e.g. --input checkpoint:base=/models/base',
+    )
     p.add_argument("--idempotency-key", default="", help="resubmitting with the same key returns the first job")
     p.add_argument("--watch", action="store_true", help="follow the job until it ends")
     add_connection_options(p)
@@ -78,18 +86,58 @@ def register(subparsers) -> None:
     add_connection_options(p)
     p.set_defaults(func=run_cancel)
 
+    p = sub.add_parser(
+        "retry",
+        help="queue a FAILED or CANCELLED job again",
+        description="Queue a failed or cancelled job again; its first unfinished stage resumes from its "
+        "last committed checkpoint.",
+    )
+    p.add_argument("job_id")
+    add_connection_options(p)
+    p.set_defaults(func=run_retry)
+
+
+class UsageError(ValueError):
+    """A malformed argument: one line on stderr, exit status 2 (like argparse)."""
+
 
 def parse_stage(text: str) -> StageSpec:
     """NAME, NAME=JSON or NAME=@FILE -> StageSpec."""
     name, sep, config = text.partition("=")
-    return StageSpec(stage=name.strip(), config=load_json_arg(config) if sep else {})
+    return StageSpec(stage=name.strip(), config=_json(config, f"--stage {name.strip()}") if sep else {})
+
+
+def _json(text: str, where: str):
+    try:
+        return load_json_arg(text)
+    except ValueError as exc:  # json.JSONDecodeError
+        raise UsageError(f"{where}: invalid JSON: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read {text[1:]!r}: {exc.strerror}") from None
+
+
+def parse_inputs(items: list[str]) -> dict[str, dict[str, str]]:
+    """``[checkpoint:|dataset:]NAME=PATH`` items -> {"checkpoints": {...}, "datasets": {...}}."""
+    tables: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        kind, colon, name = key.partition(":")
+        if not colon:
+            kind, name = "", kind
+        if not sep or not name or not path or kind not in ("", "checkpoint", "dataset"):
+            raise UsageError(f"--input {item}: expected [checkpoint:|dataset:]NAME=PATH")
+        for table in ("checkpoints", "datasets") if not kind else (kind + "s",):
+            tables.setdefault(table, {})[name] = path
+    return tables
 
 
 def _pipeline(args: argparse.Namespace) -> tuple[list, str, dict]:
     stages: list = []
     name, labels = "", {}
     if args.pipeline:
-        spec = load_json_arg("@" + args.pipeline)
+        spec = _json("@" + args.pipeline, f"--pipeline {args.pipeline}")
+        if not isinstance(spec, dict):
+            raise UsageError(f"--pipeline {args.pipeline}: expected a JSON object with stages")
         stages, name, labels = (
             list(spec.get("stages", [])),
             spec.get("name", ""),
@@ -144,9 +192,16 @@ def run_stages(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    stages, name, labels = _pipeline(args)
+    try:
+        stages, name, labels = _pipeline(args)
+        inputs = parse_inputs(args.input)
+    except UsageError as exc:
+        print(f"internlm2 train submit: {exc}", file=sys.stderr)
+        return 2
     with TrainingClient(**client_kwargs(args, "training")) as client:
-        sub = client.submit_job(stages, idempotency_key=args.idempotency_key, name=name, labels=labels)
+        sub = client.submit_job(
+            stages, idempotency_key=args.idempotency_key, name=name, labels=labels, inputs=inputs or None
+        )
     if wants_json(args):
         print_json(sub)
     else:
@@ -221,6 +276,13 @@ def run_watch(args: argparse.Namespace) -> int:
     if not wants_json(args):
         _print_job(job)
     return 0 if job.state is JobState.SUCCEEDED else 1
+
+
+def run_retry(args: argparse.Namespace) -> int:
+    with TrainingClient(**client_kwargs(args, "training")) as client:
+        job = client.retry_job(args.job_id)
+    print_json(job) if wants_json(args) else print(_job_line(job))
+    return 0
 
 
 def run_cancel(args: argparse.Namespace) -> int:
