@@ -43,6 +43,7 @@ SERVER_PORTS = {
     "training": (50054, 9104),
 }
 WORKER_METRICS_PORT = 9105
+GATEWAY_PORTS = (8000, 9106)  # the OpenAI-compatible HTTP gateway and its metrics
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 30.0
 # The worker's stage gets this long to stop after SIGTERM (then SIGKILL), well inside STOP_GRACE_S.
@@ -94,6 +95,7 @@ class Child:
     metrics_port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    http_url: str = ""  # an HTTP server (the gateway): ready when GET {http_url}/ready answers 200
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
@@ -279,6 +281,7 @@ class LocalStack:
             self._server("reward", ["--model", str(self.models["reward"]), *device]),
             self._server("training", ["--redis-url", self.redis_url]),
         ]
+        self.children.append(self._gateway())
         self.children.append(self._worker())
         for child in self.children:
             child.start()
@@ -307,6 +310,32 @@ class LocalStack:
                 },
             )
 
+    def _gateway(self) -> Child:
+        """``internlm2 serve gateway`` in front of the four servers (OpenAI API and playground over HTTP)."""
+        port, metrics_port = (port_or_free(self.host, p) for p in GATEWAY_PORTS)
+        backends = [f for c in self.children for f in (f"--{c.name}", c.address)]
+        argv = ["serve", "gateway", "--host", self.host, "--port", str(port), "--metrics-port", str(metrics_port)]
+        return Child("gateway", argv + backends, self.work_dir / "logs" / "gateway.log", metrics_port=metrics_port,
+                     http_url=f"http://{self.host}:{port}")
+
+    def _wait_http_ready(self, deadline: float) -> None:
+        import urllib.request
+
+        for child in (c for c in self.children if c.http_url):
+            while True:
+                if not child.alive():
+                    raise RuntimeError(f"{child.name} exited while starting; last lines:\n{child.log_tail()}")
+                try:
+                    with urllib.request.urlopen(child.http_url + "/ready", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:  # not listening yet, or 503 until its backends answer
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{child.name} not ready at {child.http_url}/ready")
+                if self.stop_event.wait(0.25):
+                    raise KeyboardInterrupt
+
     # ---- 4: ready ------------------------------------------------------------------------------------
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         from internlm2_client import check_health
@@ -333,6 +362,7 @@ class LocalStack:
                 raise RuntimeError(f"not ready after {timeout:.0f}s: {', '.join(c.name for c in pending)}")
             if pending:
                 self.stop_event.wait(0.25)
+        self._wait_http_ready(deadline)
         worker = next(c for c in self.children if c.name == "worker")
         if not worker.alive():
             raise RuntimeError(
@@ -356,6 +386,8 @@ class LocalStack:
             "metrics": f"http://{self.host}:{worker.metrics_port}/metrics",
             "pid": worker.process.pid,
         }
+        out.update({c.name: {"url": c.http_url, "metrics": f"http://{self.host}:{c.metrics_port}/metrics",
+                             "pid": c.process.pid} for c in self.children if c.http_url})
         out["redis"] = {"url": self.redis_url, "embedded": self.redis is not None}
         out["models"] = {k: str(v) for k, v in self.models.items()}
         out["work_dir"] = str(self.work_dir)
@@ -369,6 +401,8 @@ class LocalStack:
         lines = ["", "InternLM2 platform is up (Ctrl-C stops everything):"]
         for name in SERVER_PORTS:
             lines.append(f"  {name:<10} {info[name]['address']:<22} metrics {info[name]['metrics']}")
+        lines.append(f"  {'gateway':<10} {info['gateway']['url']:<22} metrics {info['gateway']['metrics']}"
+                     "  (OpenAI API at /v1, playground at /)")
         lines.append(f"  {'worker':<10} {'queues gpu':<22} metrics {info['worker']['metrics']}")
         lines.append(f"  {'redis':<10} {self.redis_url}{' (embedded)' if self.redis else ''}")
         lines.append(f"  {'models':<10} policy {info['models']['policy']}")
