@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,34 +26,57 @@ DOCKERFILES = {"cpu": REPO / "deploy" / "docker" / "Dockerfile.cpu",
 # The shared contract (docs/HELPERS.md): gRPC and metrics ports, health service names.
 GRPC_SERVICES = ("tokenizer", "inference", "reward", "training")
 PORTS = {"tokenizer": 50051, "inference": 50052, "reward": 50053, "training": 50054}
-METRICS_PORTS = {"tokenizer": 9101, "inference": 9102, "reward": 9103, "training": 9104, "worker": 9105}
+METRICS_PORTS = {"tokenizer": 9101, "inference": 9102, "reward": 9103, "training": 9104, "worker": 9105,
+                 "gateway": 9106}
+# The OpenAI-compatible HTTP gateway (CONTRACTS.md): its HTTP port, liveness and readiness paths.
+GATEWAY_PORT, GATEWAY_HEALTH, GATEWAY_READY = 8000, "/health", "/ready"
+COMPONENTS = (*GRPC_SERVICES, "gateway", "worker")
 HEALTH_SERVICE = {"tokenizer": "internlm2.v1.TokenizerService", "inference": "internlm2.v1.InferenceService",
                   "reward": "internlm2.v1.RewardService", "training": "internlm2.v1.TrainingService"}
 
 RELEASE, NAMESPACE = "demo", "llm"
+
+# Every engine setting of `internlm2 serve inference` (vLLM's flag names, CONTRACTS.md) as a chart
+# `inference.engine` map; tests/test_deploy_cli.py renders it and has the real CLI parse the result.
+ENGINE_EXAMPLE = {
+    "maxNumSeqs": 128, "maxNumBatchedTokens": 8192, "blockSize": 16, "numGpuBlocksOverride": 4096,
+    "gpuMemoryUtilization": 0.9, "kvCacheMemoryBytes": 34359738368, "maxQueueSize": 2048, "maxModelLen": 8192,
+    "enforceEager": True, "cudaGraphSizes": [1, 2, 4, 8, 16], "enablePrefixCaching": False,
+    "enableChunkedPrefill": True,
+}
+# The same settings as compose takes them (INTERNLM2_ENGINE_ARGS).
+ENGINE_ARGS_EXAMPLE = ("--max-num-seqs 32 --max-num-batched-tokens 4096 --block-size 16 --max-model-len 4096 "
+                       "--gpu-memory-utilization 0.85 --max-queue-size 256 --no-enable-prefix-caching")
 
 TOKEN = "t0ken-for-the-deploy-tests-4f1c9a"
 
 # Values sets the chart is rendered with (tests/test_deploy_helm.py, tests/test_deploy_cli.py).
 CHART_VALUES = {
     "default": {},
-    # A GPU cluster set up by the NVIDIA GPU operator: runtime class, GFD node labels, 2 GPUs for inference.
+    # A GPU cluster set up by the NVIDIA GPU operator: runtime class, GFD node labels, 4-GPU workers,
+    # stage pods admitted by Kueue.
     "gpu": {
         "gpu": {"runtimeClassName": "nvidia", "nodeSelector": {"nvidia.com/gpu.present": "true"},
                 "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                     "nodeSelectorTerms": [{"matchExpressions": [
                         {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}}},
-        "inference": {"gpu": 2, "dtype": "bfloat16"},
+        "inference": {"gpu": 1, "dtype": "bfloat16",
+                      "engine": {"maxNumSeqs": 128, "maxNumBatchedTokens": 8192, "gpuMemoryUtilization": 0.9,
+                                 "enablePrefixCaching": True}},
         "reward": {"gpu": 1},
         "worker": {"gpu": 4},
+        "stagePods": {"kueueQueue": "team-a", "priorityClassName": "training",
+                      "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
+                      "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "training",
+                                       "effect": "NoSchedule"}]},
     },
     # The same chart on a cluster without GPUs.
-    "cpu": {"inference": {"gpu": 0}, "reward": {"gpu": 0}, "worker": {"gpu": 0}},
+    "cpu": {"inference": {"gpu": 0}, "reward": {"gpu": 0}, "worker": {"gpu": 0}, "stagePods": {"gpu": False}},
     "external-redis": {
         "redis": {"internal": {"enabled": False}, "externalUrl": "rediss://redis.example.internal:6380/2",
                   "auth": {"existingSecret": "platform-redis", "existingSecretPasswordKey": "password"}},
     },
-    # Every switch on: auth token and TLS from Secrets, HPA/PDB, ServiceMonitor, artifacts PVC.
+    # Every switch on: auth token and TLS from Secrets, HPA/PDB, ServiceMonitor, gateway Ingress, a data claim.
     "full": {
         "auth": {"enabled": True, "token": TOKEN},
         "tls": {"enabled": True, "existingSecret": "internlm2-tls", "clientAuth": True},
@@ -60,10 +84,24 @@ CHART_VALUES = {
                       "pdb": {"enabled": True, "minAvailable": 1}},
         "reward": {"autoscaling": {"enabled": True, "metric": "cpu", "maxReplicas": 3}, "pdb": {"enabled": True}},
         "tokenizer": {"pdb": {"enabled": True, "maxUnavailable": "50%"}},
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
-        "artifacts": {"persistence": {"enabled": True}},
+        "gateway": {"pdb": {"enabled": True}, "autoscaling": {"enabled": True, "maxReplicas": 6},
+                    "ingress": {"enabled": True, "className": "nginx",
+                                "hosts": [{"host": "llm.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+                                "tls": [{"secretName": "llm-example-com", "hosts": ["llm.example.com"]}]}},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+                    "grafanaDashboard": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        "data": {"persistence": {"enabled": True, "existingClaim": "team-datasets"}},
         "model": {"persistence": {"existingClaim": "team-models"}},
     },
+    # Serve what a training job wrote: inference and reward read their checkpoints from the artifacts claim.
+    "serve-trained": {
+        "inference": {"modelSource": "artifacts", "modelPath": "/artifacts/jobs/0a1b2c3d4e5f6a7b/01-sft/final"},
+        "reward": {"modelSource": "artifacts",
+                   "modelPath": "/artifacts/jobs/0a1b2c3d4e5f6a7b/02-reward_model/final"},
+        "artifacts": {"persistence": {"existingClaim": "team-artifacts"}},
+    },
+    # Single-node training only: no stage pods, no API rights, artifacts in an emptyDir.
+    "no-stage-pods": {"stagePods": {"enabled": False}, "artifacts": {"persistence": {"enabled": False}}},
 }
 
 
@@ -114,6 +152,12 @@ def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def stage_pod_settings(docs: list[dict]) -> dict[str, Any]:
+    """The stage-pod settings file (stage-pod.yaml) as the worker reads it, parsed out of the rendered ConfigMap."""
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "stage-pod.yaml" in d.get("data", {})]
+    return yaml.safe_load(cm["data"]["stage-pod.yaml"])
+
+
 # ---- docker-compose.yml -------------------------------------------------------------------------
 
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}|\$\$")
@@ -140,9 +184,14 @@ def compose_raw() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-def compose() -> dict[str, Any]:
-    """docker-compose.yml with YAML anchors merged and variables at their defaults."""
-    return interpolate(compose_raw())
+def compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """docker-compose.yml with YAML anchors merged, variables substituted (`env`, else their defaults) and
+    string commands split into words, as Compose does (substitution first, so a variable can add flags)."""
+    doc = interpolate(compose_raw(), env)
+    for svc in doc["services"].values():
+        if isinstance(svc.get("command"), str):
+            svc["command"] = shlex.split(svc["command"])
+    return doc
 
 
 @cache

@@ -22,7 +22,18 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from deploy_support import CHART_VALUES, DOCKERFILES, REPO, compose, exec_form, render, render_notes, workloads
+from deploy_support import (
+    CHART_VALUES,
+    DOCKERFILES,
+    ENGINE_ARGS_EXAMPLE,
+    ENGINE_EXAMPLE,
+    REPO,
+    compose,
+    exec_form,
+    render,
+    render_notes,
+    workloads,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,12 +88,17 @@ def compose_commands() -> dict[str, list[str]]:
         test = svc.get("healthcheck", {}).get("test")
         if test and test[:2] == ["CMD", ENTRYPOINT]:
             out[f"compose {name} healthcheck"] = test[2:]
+    # Engine flags passed the documented way.
+    for name, svc in compose({"INTERNLM2_ENGINE_ARGS": ENGINE_ARGS_EXAMPLE})["services"].items():
+        if name.startswith("inference"):
+            out[f"compose {name} with INTERNLM2_ENGINE_ARGS"] = svc["command"]
     return out
 
 
 def chart_commands() -> dict[str, list[str]]:
     out = {}
-    for case, values in CHART_VALUES.items():
+    cases = {**CHART_VALUES, "every engine flag": {"inference": {"engine": ENGINE_EXAMPLE}}}
+    for case, values in cases.items():
         for obj, pod in workloads(render(values)):
             for c in pod["containers"]:
                 if not c["image"].startswith("internlm2:"):
@@ -126,7 +142,7 @@ SOURCES = {"compose": compose_commands, "chart": chart_commands, "images": image
 def test_every_kind_of_command_is_collected():
     commands = [argv for source in SOURCES.values() for argv in source().values()]
     paths = {_path(argv) for argv in commands}
-    serve = {("serve", s) for s in ("tokenizer", "inference", "reward", "training", "worker")}
+    serve = {("serve", s) for s in ("tokenizer", "inference", "reward", "training", "worker", "gateway")}
     assert paths == serve | {("health",), ("generate",)}
 
 

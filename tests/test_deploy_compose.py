@@ -11,11 +11,20 @@ import copy
 
 import jsonschema
 import pytest
-from deploy_support import HEALTH_SERVICE, METRICS_PORTS, PORTS, compose, compose_raw, compose_schema
+from deploy_support import (
+    GATEWAY_PORT,
+    GATEWAY_READY,
+    HEALTH_SERVICE,
+    METRICS_PORTS,
+    PORTS,
+    compose,
+    compose_raw,
+    compose_schema,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-CPU_ONLY = {"redis", "tokenizer", "training"}
+CPU_ONLY = {"redis", "tokenizer", "training", "gateway"}
 VARIANTS = {"inference", "reward", "worker"}
 
 
@@ -138,7 +147,7 @@ def test_models_are_mounted_read_only_and_outputs_go_to_the_artifacts_volume():
         if name == "redis":
             continue
         mounts = {m.split(":")[1]: m for m in svc.get("volumes", [])}
-        if name != "training":
+        if name not in ("training", "gateway"):
             assert mounts["/models"] == "./models:/models:ro", name
         if "--model" in svc["command"]:
             assert _flag(svc["command"], "--model").startswith("/models/")
@@ -161,3 +170,31 @@ def test_containers_are_hardened_like_the_chart():
         assert "user" not in svc, f"{name}: the image's non-root user must not be overridden"
         # The token is passed through from the shell, never written in the file.
         assert svc["environment"]["INTERNLM2_AUTH_TOKEN"] is None, name
+
+
+def test_the_gateway_fronts_the_grpc_services_by_their_compose_names():
+    services = compose()["services"]
+    gw = services["gateway"]
+    cmd = gw["command"]
+    assert cmd[:2] == ["serve", "gateway"]
+    assert (_flag(cmd, "--port"), _flag(cmd, "--metrics-port")) == (str(GATEWAY_PORT), str(METRICS_PORTS["gateway"]))
+    # Each backend by the name both profile variants answer to, on its contract port.
+    names = {n for svc_name, svc in services.items()
+             for n in [svc_name, *svc.get("networks", {}).get("default", {}).get("aliases", [])]}
+    for backend, port in PORTS.items():
+        host, _, backend_port = _flag(cmd, f"--{backend}").rpartition(":")
+        assert host in names and backend_port == str(port), backend
+    assert {p.rsplit(":", 2)[-1] for p in gw["ports"]} == {str(GATEWAY_PORT), str(METRICS_PORTS["gateway"])}
+    health = " ".join(gw["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{GATEWAY_PORT}{GATEWAY_READY}" in health
+    assert gw["healthcheck"]["start_period"] == "30m", "ready only once the models behind it are loaded"
+
+
+def test_engine_flags_come_from_one_variable():
+    """INTERNLM2_ENGINE_ARGS adds any engine flag to both inference variants (and nothing when unset)."""
+    plain = compose()["services"]
+    tuned = compose({"INTERNLM2_ENGINE_ARGS": "--max-num-seqs 32 --enforce-eager"})["services"]
+    for name in ("inference-cpu", "inference-gpu"):
+        assert tuned[name]["command"] == [*plain[name]["command"], "--max-num-seqs", "32", "--enforce-eager"]
+        assert plain[name]["command"][-2:] in (["--dtype", "float32"], ["--dtype", "bfloat16"])
+    assert tuned["reward-cpu"]["command"] == plain["reward-cpu"]["command"]

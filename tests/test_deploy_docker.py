@@ -16,7 +16,16 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from deploy_support import DOCKERFILES, METRICS_PORTS, PORTS, REPO, dockerfile_instructions, exec_form, final_stage
+from deploy_support import (
+    DOCKERFILES,
+    GATEWAY_PORT,
+    METRICS_PORTS,
+    PORTS,
+    REPO,
+    dockerfile_instructions,
+    exec_form,
+    final_stage,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,10 +109,90 @@ def test_images_run_as_the_non_root_user_the_chart_expects(flavor):
 def test_both_images_share_the_entrypoint_and_expose_the_contract_ports():
     entrypoints = {f: exec_form(p, "ENTRYPOINT") for f, p in DOCKERFILES.items()}
     assert entrypoints == {"cpu": ["internlm2"], "cuda": ["internlm2"]}
-    expected = {str(p) for p in [*PORTS.values(), *METRICS_PORTS.values()]}
+    expected = {str(p) for p in [*PORTS.values(), *METRICS_PORTS.values(), GATEWAY_PORT]}
     for path in DOCKERFILES.values():
         exposed = {p for k, a in final_stage(path) if k == "EXPOSE" for p in a.split()}
         assert exposed == expected
+
+
+# ---- a toolchain for Triton and DeepSpeed at run time --------------------------------------------
+#
+# Triton compiles its CUDA launcher (driver.c, a CPython extension) with the system C compiler the first
+# time a kernel runs on a node, and DeepSpeed builds CPU-Adam with g++; the CUDA image's runtime stage must
+# therefore keep a compiler and Python's headers. Two checks: the Dockerfile installs them in the stage the
+# containers run, and the launcher really builds with Triton's own build function from this environment's
+# packages (the image installs the same pyprojects). A CPU-only machine has no libcuda.so.1 to link
+# against, so the launcher is built but not loaded; what it leaves undefined must then be only CUDA
+# driver symbols, which the NVIDIA container runtime provides on a GPU node.
+
+RUNTIME_TOOLCHAIN = {"gcc", "g++", "libc6-dev", "python3-dev"}
+
+
+def _apt_installed(stage: list[tuple[str, str]]) -> set[str]:
+    packages = set()
+    for instr, args in stage:
+        if instr == "RUN" and "apt-get install" in args:
+            command = args.split("apt-get install", 1)[1].split("&&")[0]
+            packages |= {w for w in command.split() if not w.startswith("-")}
+    return packages
+
+
+def test_the_cuda_runtime_stage_keeps_a_compiler_and_python_headers():
+    stage = final_stage(DOCKERFILES["cuda"])
+    assert _apt_installed(stage) >= RUNTIME_TOOLCHAIN
+    # The headers must be those of the Python the venv was made with: both stages start from the same
+    # base and take its python3 (whose include dir sysconfig reports, and Triton passes to gcc).
+    instrs = dockerfile_instructions(DOCKERFILES["cuda"])
+    starts = [i for i, (k, _) in enumerate(instrs) if k == "FROM"]
+    assert [instrs[i][1].split()[0] for i in starts] == ["${CUDA_IMAGE}", "${CUDA_IMAGE}"]
+    assert "python3" in _apt_installed(instrs[starts[0]:starts[1]])
+
+
+def test_the_guard_sees_a_runtime_stage_without_a_compiler(tmp_path):
+    """Guard for the test above: the image as it was before (python3 only) fails it."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM base AS runtime\nRUN apt-get update && apt-get install -y --no-install-recommends python3 "
+                   "&& rm -rf /var/lib/apt/lists/*\n")
+    assert not _apt_installed(final_stage(bad)) >= RUNTIME_TOOLCHAIN
+
+
+@pytest.mark.timeout(180)
+def test_triton_builds_its_cuda_launcher_with_the_image_toolchain(tmp_path, monkeypatch):
+    triton = pytest.importorskip("triton", reason="triton is a Linux test dependency (pyproject `test` extra)")
+    from triton.runtime import build
+
+    try:
+        from triton.backends.nvidia import driver
+    except ImportError as e:  # pragma: no cover - triton wheels ship the NVIDIA backend on Linux
+        pytest.skip(f"triton {triton.__version__} has no NVIDIA backend here: {e}")
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        pytest.skip("no C compiler on this machine (the image installs gcc; see the test above)")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    source = Path(driver.__file__).with_name("driver.c")
+    # As Triton does on a GPU node (CudaUtils), minus linking libcuda.so.1, which only a node with the
+    # NVIDIA driver has.
+    so = Path(build.compile_so_from_file(str(source), "cuda_utils", include_dirs=driver.include_dirs,
+                                         libraries=[]))
+    assert so.is_file() and so.name.endswith(sysconfig_ext_suffix())
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is missing: cannot list the launcher's symbols")
+    symbols = subprocess.run([nm, "-D", str(so)], capture_output=True, text=True, check=True).stdout.splitlines()
+    exported = {line.split()[-1] for line in symbols if " T " in line}
+    assert "PyInit_cuda_utils" in exported
+    undefined = {line.split()[-1] for line in symbols if line.split()[0] == "U"}
+    # Left to the loader: CPython's C API, libc, and the CUDA driver API (cu*) from libcuda.so.1.
+    foreign = {s for s in undefined
+               if not s.startswith(("Py", "_Py", "cu", "__")) and "@" not in s}
+    assert foreign <= {"dlopen", "dlsym", "dlclose", "dlerror", "malloc", "free", "calloc", "realloc", "memcpy",
+                       "memset", "strcmp", "strlen", "snprintf", "sprintf", "fprintf", "printf", "abort"}, foreign
+    assert any(s.startswith("cu") for s in undefined), "the launcher must call the CUDA driver"
+
+
+def sysconfig_ext_suffix() -> str:
+    import sysconfig
+
+    return sysconfig.get_config_var("EXT_SUFFIX")
 
 
 def test_the_cli_entrypoint_is_the_sdk_console_script():

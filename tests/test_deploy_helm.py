@@ -19,6 +19,10 @@ import yaml
 from deploy_support import (
     CHART,
     CHART_VALUES,
+    COMPONENTS,
+    GATEWAY_HEALTH,
+    GATEWAY_PORT,
+    GATEWAY_READY,
     GRPC_SERVICES,
     HEALTH_SERVICE,
     METRICS_PORTS,
@@ -63,8 +67,8 @@ def test_every_manifest_validates_against_the_kubernetes_schema(rendered, case, 
             unknown.append(doc["kind"])
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{case}: {doc['kind']}/{doc['metadata']['name']} invalid for {kube_version}: {e.message}")
-    # Only the prometheus-operator CRD has no built-in schema; it is checked by hand below.
-    assert set(unknown) <= {"ServiceMonitor"}
+    # Only the prometheus-operator CRDs have no built-in schema; they are checked in test_deploy_monitoring.py.
+    assert set(unknown) <= {"ServiceMonitor", "PrometheusRule"}
 
 
 def test_the_validator_rejects_a_broken_manifest(rendered):
@@ -82,7 +86,7 @@ def test_gpu_resources_and_scheduling_only_where_gpus_are_requested(rendered, ca
     docs = rendered[case]
     for obj, pod in workloads(docs):
         comp = component_of(obj)
-        wanted = int(merged_component(case, comp).get("gpu", 0)) if comp in (*GRPC_SERVICES, "worker") else 0
+        wanted = int(merged_component(case, comp).get("gpu", 0)) if comp in COMPONENTS else 0
         container = pod["containers"][0]
         res = container.get("resources", {})
         where = f"{case}: {obj['kind']}/{obj['metadata']['name']}"
@@ -94,7 +98,7 @@ def test_gpu_resources_and_scheduling_only_where_gpus_are_requested(rendered, ca
         else:
             assert GPU_RESOURCE not in res.get("requests", {}) and GPU_RESOURCE not in res.get("limits", {}), where
             assert "runtimeClassName" not in pod and "tolerations" not in pod, where
-            if comp in (*GRPC_SERVICES, "worker"):
+            if comp in COMPONENTS:
                 assert container["image"].endswith("-cpu"), where
         if case == "gpu" and wanted:
             assert pod["runtimeClassName"] == "nvidia"
@@ -119,6 +123,34 @@ def test_gpu_values_pass_device_and_dtype(rendered):
     args = deployment(rendered["gpu"], "inference")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--device") + 1] == "cuda"
     assert args[args.index("--dtype") + 1] == "bfloat16"
+
+
+def _args(docs, component: str) -> list[str]:
+    return deployment(docs, component)["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_engine_map_becomes_cli_flags():
+    """inference.engine renders generically: camelCase -> --kebab-case, booleans as --x / --no-x, lists
+    as the flag and its items, null left out, whole numbers without an exponent."""
+    engine = {"maxNumSeqs": 128, "gpuMemoryUtilization": 0.85, "kvCacheMemoryBytes": 34359738368,
+              "enablePrefixCaching": False, "enforceEager": True, "cudaGraphSizes": [1, 2, 4, 8],
+              "maxModelLen": None}
+    args = _args(render({"inference": {"engine": engine}}), "inference")
+    tail = args[args.index("--device") + 2:]
+    pairs = {}
+    i = 0
+    while i < len(tail):
+        flag, values = tail[i], []
+        i += 1
+        while i < len(tail) and not tail[i].startswith("--"):
+            values.append(tail[i])
+            i += 1
+        pairs[flag] = values
+    assert pairs == {"--max-num-seqs": ["128"], "--gpu-memory-utilization": ["0.85"],
+                     "--kv-cache-memory-bytes": ["34359738368"], "--no-enable-prefix-caching": [],
+                     "--enforce-eager": [], "--cuda-graph-sizes": ["1", "2", "4", "8"]}
+    # Only the inference server takes engine flags.
+    assert "--max-num-seqs" not in _args(render({"inference": {"engine": engine}}), "reward")
 
 
 # ---- probes, ports, services --------------------------------------------------------------------
@@ -228,6 +260,56 @@ def test_tls_certificates_are_mounted_from_the_secret(rendered):
         assert {f.rsplit("/", 1)[1] for f in files} | {"ca.crt"} == projected
 
 
+# ---- gateway ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["default", "full"])
+def test_gateway_fronts_the_services_with_http_probes(rendered, case):
+    docs = rendered[case]
+    dep = deployment(docs, "gateway")
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[:2] == ["serve", "gateway"]
+    assert args[args.index("--port") + 1] == str(GATEWAY_PORT)
+    assert args[args.index("--metrics-port") + 1] == str(METRICS_PORTS["gateway"])
+    for name in GRPC_SERVICES:
+        assert args[args.index(f"--{name}") + 1] == f"demo-internlm2-{name}.llm.svc:{PORTS[name]}"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": GATEWAY_PORT, "metrics": METRICS_PORTS["gateway"]}
+    assert container["startupProbe"]["httpGet"] == {"path": GATEWAY_HEALTH, "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": GATEWAY_HEALTH, "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": GATEWAY_READY, "port": "http"}
+    assert container["image"].endswith("-cpu") and "tolerations" not in pod
+    svc = next(s for s in by_kind(docs, "Service").values() if component_of(s) == "gateway")
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
+        "http": (GATEWAY_PORT, "http"), "metrics": (METRICS_PORTS["gateway"], "metrics")}
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    env = env_of(container)
+    if case == "full":
+        # The same token Secret as the gRPC services; their CA (and, for mTLS, a client certificate).
+        inference_env = env_of(deployment(docs, "inference")["spec"]["template"]["spec"]["containers"][0])
+        assert env["INTERNLM2_AUTH_TOKEN"] == inference_env["INTERNLM2_AUTH_TOKEN"]
+        tls_dir = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "tls")
+        assert args[args.index("--backend-ca-cert") + 1] == f"{tls_dir}/ca.crt"
+        assert args[args.index("--backend-client-cert") + 1] == f"{tls_dir}/tls.crt"
+        assert args[args.index("--backend-client-key") + 1] == f"{tls_dir}/tls.key"
+    else:
+        assert "INTERNLM2_AUTH_TOKEN" not in env and "--backend-ca-cert" not in args
+        assert not by_kind(docs, "Ingress")
+
+
+def test_gateway_ingress_with_tls(rendered):
+    (ingress,) = by_kind(rendered["full"], "Ingress").values()
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"secretName": "llm-example-com", "hosts": ["llm.example.com"]}]
+    (rule,) = spec["rules"]
+    assert rule["host"] == "llm.example.com"
+    (path,) = rule["http"]["paths"]
+    assert path["backend"] == {"service": {"name": "demo-internlm2-gateway", "port": {"name": "http"}}}
+    assert path["path"] == "/" and path["pathType"] == "Prefix"
+
+
 # ---- redis --------------------------------------------------------------------------------------
 
 def test_internal_redis_statefulset_and_url(rendered):
@@ -264,7 +346,7 @@ def test_pdb_and_hpa_only_when_enabled(rendered):
         assert not kinds & {"PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor"}, case
     docs = rendered["full"]
     pdbs = {component_of(d): d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
-    assert pdbs.keys() == {"inference", "reward", "tokenizer"}
+    assert pdbs.keys() == {"inference", "reward", "tokenizer", "gateway"}
     assert pdbs["inference"]["minAvailable"] == 1 and "maxUnavailable" not in pdbs["inference"]
     assert pdbs["tokenizer"]["maxUnavailable"] == "50%"
     for comp, spec in pdbs.items():
@@ -274,7 +356,9 @@ def test_pdb_and_hpa_only_when_enabled(rendered):
 def test_inference_hpa_scales_on_waiting_requests(rendered):
     docs = rendered["full"]
     hpas = {component_of(d): d["spec"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
-    assert hpas.keys() == {"inference", "reward"}
+    assert hpas.keys() == {"inference", "reward", "gateway"}
+    assert hpas["gateway"]["maxReplicas"] == 6 and hpas["gateway"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in deployment(docs, "gateway")["spec"]
     inf = hpas["inference"]
     assert inf["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                      "name": deployment(docs, "inference")["metadata"]["name"]}
@@ -296,7 +380,7 @@ def test_service_monitor_scrapes_every_component_metrics_port(rendered):
     selector = sm["spec"]["selector"]["matchLabels"]
     selected = [s for s in by_kind(docs, "Service").values()
                 if selector.items() <= s["metadata"]["labels"].items()]
-    assert {component_of(s) for s in selected} == {*GRPC_SERVICES, "worker"}
+    assert {component_of(s) for s in selected} == set(COMPONENTS)
     for svc in selected:
         assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
@@ -305,16 +389,38 @@ def test_service_monitor_scrapes_every_component_metrics_port(rendered):
 def test_network_policy_keeps_redis_to_training_and_workers(rendered):
     docs = rendered["default"]
     policies = {component_of(d): d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
-    assert policies.keys() == {*GRPC_SERVICES, "worker", "redis"}
+    assert policies.keys() == {*COMPONENTS, "redis"}
     (rule,) = policies["redis"]["ingress"]
-    (peer,) = rule["from"]
-    assert peer["podSelector"]["matchExpressions"] == [
+    services_peer, stage_peer = rule["from"]
+    assert services_peer["podSelector"]["matchExpressions"] == [
         {"key": "app.kubernetes.io/component", "operator": "In", "values": ["training", "worker"]}]
+    # Multi-node stage pods of this release (the labels come from the worker and stage-pod.yaml; that the
+    # generated pods carry them is checked in test_deploy_stage_pods.py).
+    assert stage_peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "internlm2-stage",
+                                                          "app.kubernetes.io/instance": "demo"}}}
     assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
     for name in GRPC_SERVICES:
         open_ports = {p["port"] for r in policies[name]["ingress"] for p in r["ports"]}
         assert open_ports == {PORTS[name], METRICS_PORTS[name]}
+    assert {p["port"] for r in policies["gateway"]["ingress"] for p in r["ports"]} == {
+        GATEWAY_PORT, METRICS_PORTS["gateway"]}
     assert not any(d["kind"] == "NetworkPolicy" for d in render({"networkPolicy": {"enabled": False}}))
+    # Without stage pods Redis admits the training service and the workers only.
+    no_stage = {component_of(d): d["spec"] for d in rendered["no-stage-pods"] if d["kind"] == "NetworkPolicy"}
+    assert len(no_stage["redis"]["ingress"][0]["from"]) == 1
+
+
+def test_restricted_grpc_sources_still_admit_the_gateway():
+    docs = render({"networkPolicy": {"grpcFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
+                                     "httpFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress"}}}]}})
+    policies = {component_of(d): d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    gateway_pods = deployment(docs, "gateway")["spec"]["template"]["metadata"]["labels"]
+    for name in GRPC_SERVICES:
+        grpc_rule = next(r for r in policies[name]["ingress"] if r["ports"][0]["port"] == PORTS[name])
+        selectors = [p["podSelector"]["matchLabels"] for p in grpc_rule["from"] if "podSelector" in p]
+        assert any(sel.items() <= gateway_pods.items() for sel in selectors), name
+    gw_rule = next(r for r in policies["gateway"]["ingress"] if r["ports"][0]["port"] == GATEWAY_PORT)
+    assert gw_rule["from"] == [{"namespaceSelector": {"matchLabels": {"name": "ingress"}}}]
 
 
 # ---- volumes and security -----------------------------------------------------------------------
@@ -325,6 +431,9 @@ def test_model_volume_is_mounted_read_only(rendered, case):
     claim = "team-models" if case == "full" else "demo-internlm2-models"
     pvcs = by_kind(docs, "PersistentVolumeClaim")
     assert (claim in pvcs) == (case == "default")
+    if case == "default":
+        # Read-only by many nodes: five Deployments mount it and need not share a node.
+        assert pvcs[claim]["spec"]["accessModes"] == ["ReadOnlyMany"]
     mounted = set()
     for obj, pod in workloads(docs):
         for vol in pod.get("volumes", []):
@@ -334,10 +443,48 @@ def test_model_volume_is_mounted_read_only(rendered, case):
             if m["name"] == "models":
                 assert m["readOnly"] is True and m["mountPath"] == "/models"
                 mounted.add(component_of(obj))
-    assert mounted == {"tokenizer", "inference", "reward", "worker"}
+    # The training service checks at submit that model paths in stage configs exist.
+    assert mounted == {"tokenizer", "inference", "reward", "training", "worker"}
     for name in ("tokenizer", "inference", "reward"):
         args = deployment(docs, name)["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args[args.index("--model") + 1].startswith("/models/")
+
+
+def test_a_new_read_only_many_claim_can_start_from_a_snapshot():
+    snapshot = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "checkpoints-2026-12"}
+    pvcs = by_kind(render({"model": {"persistence": {"dataSource": snapshot}}}), "PersistentVolumeClaim")
+    assert pvcs["demo-internlm2-models"]["spec"]["dataSource"] == snapshot
+
+
+def test_inference_and_reward_can_serve_a_trained_checkpoint_from_the_artifacts_claim(rendered):
+    docs = rendered["serve-trained"]
+    for name in ("inference", "reward"):
+        pod = deployment(docs, name)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["artifacts"]["persistentVolumeClaim"] == {"claimName": "team-artifacts", "readOnly": True}
+        assert "models" not in volumes, "only the claim the checkpoint comes from is mounted"
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["artifacts"] == {"name": "artifacts", "mountPath": "/artifacts", "readOnly": True}
+        model = _args(docs, name)[_args(docs, name).index("--model") + 1]
+        assert model == CHART_VALUES["serve-trained"][name]["modelPath"]
+    # The tokenizer still reads the models claim; the worker writes to the same artifacts claim.
+    assert "models" in {v["name"] for v in deployment(docs, "tokenizer")["spec"]["template"]["spec"]["volumes"]}
+    worker = {v["name"]: v for v in deployment(docs, "worker")["spec"]["template"]["spec"]["volumes"]}
+    assert worker["artifacts"]["persistentVolumeClaim"] == {"claimName": "team-artifacts"}
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"inference": {"modelSource": "artifacts"}},
+     "inference.modelPath /models/internlm2-chat-7b is not under artifacts.mountPath /artifacts"),
+    ({"reward": {"modelPath": "/artifacts/jobs/1/reward_model"}},
+     "reward.modelPath /artifacts/jobs/1/reward_model is not under model.mountPath /models"),
+    ({"tokenizer": {"modelSource": "artifacts", "modelPath": "/artifacts/x"},
+      "artifacts": {"persistence": {"enabled": False}}, "stagePods": {"enabled": False}},
+     "tokenizer.modelSource is artifacts but artifacts.persistence.enabled is false"),
+])
+def test_a_model_path_outside_its_source_is_refused_at_render(values, message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(values)
 
 
 def test_workers_get_shared_memory_and_a_writable_artifacts_volume(rendered):
@@ -345,14 +492,18 @@ def test_workers_get_shared_memory_and_a_writable_artifacts_volume(rendered):
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     assert volumes["artifacts"]["persistentVolumeClaim"] == {"claimName": "demo-internlm2-artifacts"}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "team-datasets", "readOnly": True}
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["dshm"]["mountPath"] == "/dev/shm"
     assert not mounts["artifacts"].get("readOnly", False)
-    inference = deployment(rendered["full"], "inference")["spec"]["template"]["spec"]["containers"][0]
-    assert {m["name"]: m.get("readOnly") for m in inference["volumeMounts"]}["artifacts"] is True
-    # Without persistence the artifacts live in an emptyDir and only the workers see them.
-    default_pod = deployment(rendered["default"], "worker")["spec"]["template"]["spec"]
-    assert {v["name"]: v for v in default_pod["volumes"]}["artifacts"] == {"name": "artifacts", "emptyDir": {}}
+    assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+    # Artifacts persist by default, on a claim the workers and the stage pods of every node share.
+    pvc = by_kind(rendered["default"], "PersistentVolumeClaim")["demo-internlm2-artifacts"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # Only without persistence (and so without stage pods) do they live in an emptyDir.
+    no_pvc = deployment(rendered["no-stage-pods"], "worker")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in no_pvc["volumes"]}["artifacts"] == {"name": "artifacts", "emptyDir": {}}
 
 
 @pytest.mark.parametrize("case", list(CHART_VALUES))
@@ -386,12 +537,21 @@ def test_worker_is_probed_on_its_metrics_endpoint(rendered):
 def test_only_the_worker_gets_kubernetes_api_rights(rendered):
     docs = rendered["default"]
     (role,) = by_kind(docs, "Role").values()
-    assert {r for rule in role["rules"] for r in rule["resources"]} == {"jobs", "services", "pods", "pods/log"}
     (binding,) = by_kind(docs, "RoleBinding").values()
-    worker_sa = deployment(docs, "worker")["spec"]["template"]["spec"]["serviceAccountName"]
-    assert binding["subjects"][0]["name"] == worker_sa
-    for name in GRPC_SERVICES:
-        assert deployment(docs, name)["spec"]["template"]["spec"]["serviceAccountName"] != worker_sa
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    worker_pod = deployment(docs, "worker")["spec"]["template"]["spec"]
+    assert binding["subjects"][0]["name"] == worker_pod["serviceAccountName"]
+    assert worker_pod["automountServiceAccountToken"] is True
+    for name in (*GRPC_SERVICES, "gateway"):
+        assert deployment(docs, name)["spec"]["template"]["spec"]["serviceAccountName"] != worker_pod[
+            "serviceAccountName"]
+    # Namespaced, and never Secrets: stage pods get the Redis password by secretKeyRef, not from the worker.
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    assert not {r for rule in role["rules"] for r in rule["resources"]} & {"secrets", "*"}
+    # Without multi-node stages the worker gets no API token at all.
+    no_stage = rendered["no-stage-pods"]
+    assert not by_kind(no_stage, "Role") and not by_kind(no_stage, "RoleBinding")
+    assert deployment(no_stage, "worker")["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
 
 def test_long_release_names_stay_within_kubernetes_name_limits():
@@ -406,18 +566,29 @@ def test_long_release_names_stay_within_kubernetes_name_limits():
     assert f"@{redis_host}:6379/" in url
 
 
-@pytest.mark.parametrize("component", [*GRPC_SERVICES, "worker"])
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_each_component_can_be_switched_off(component):
     docs = render({component: {"enabled": False}})
     assert not [d for d in docs if component_of(d) == component]
     others = {component_of(d) for d in docs if d["kind"] == "Deployment"}
-    assert others == {*GRPC_SERVICES, "worker"} - {component}
+    assert others == set(COMPONENTS) - {component}
+    if component in GRPC_SERVICES:
+        assert f"--{component}" not in _args(docs, "gateway"), "the gateway only calls services that run"
 
 
 # ---- values.schema.json -------------------------------------------------------------------------
 
 BAD_VALUES = [
     ({"inference": {"gpu": -1}}, "at '/inference/gpu': minimum"),
+    # The engine drives one device: a second GPU would sit idle.
+    ({"inference": {"gpu": 2}}, "at '/inference/gpu': maximum: got 2, want 1"),
+    ({"reward": {"gpu": 4}}, "at '/reward/gpu': maximum: got 4, want 1"),
+    ({"inference": {"modelSource": "s3"}}, "at '/inference/modelSource'"),
+    ({"inference": {"engine": {"max-num-seqs": 8}}}, "at '/inference/engine': additional properties 'max-num-seqs'"),
+    ({"inference": {"engine": {"maxNumSeqs": {"value": 8}}}}, "at '/inference/engine/maxNumSeqs'"),
+    ({"stagePods": {"kueueQueue": "Team A"}}, "at '/stagePods/kueueQueue'"),
+    ({"stagePods": {"shmSize": "lots"}}, "at '/stagePods/shmSize'"),
+    ({"gateway": {"ingress": {"hosts": [{"paths": [{"path": "/"}]}]}}}, "at '/gateway/ingress/hosts/0'"),
     ({"inference": {"gpus": 1}}, "additional properties 'gpus' not allowed"),
     ({"infernce": {"enabled": True}}, "additional properties 'infernce' not allowed"),
     ({"tokenizer": {"port": 70000}}, "at '/tokenizer/port': maximum"),
@@ -452,7 +623,7 @@ def test_templates_reject_what_the_schema_cannot_express():
 
 # ---- lint and NOTES -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["default", "gpu", "cpu", "external-redis", "full"])
+@pytest.mark.parametrize("case", list(CHART_VALUES))
 def test_chart_lints_clean_in_strict_mode(case):
     report = helm.lint(CHART, CHART_VALUES[case], strict=True, kube_version="v1.30.0")
     assert report["errors"] == []
@@ -469,7 +640,7 @@ def test_the_readme_values_example_renders_and_validates():
         with contextlib.suppress(kubernetes_validate.SchemaNotFoundError):
             kubernetes_validate.validate(doc, "1.30.0", strict=True)
     assert deployment(docs, "inference")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
-        GPU_RESOURCE] == 2
+        GPU_RESOURCE] == 1
     assert not by_kind(docs, "StatefulSet")
 
 
@@ -478,5 +649,6 @@ def test_notes_tell_how_to_reach_the_services():
     for name in GRPC_SERVICES:
         assert f"demo-internlm2-{name}.llm.svc:{PORTS[name]}" in notes
     assert "kubectl -n llm port-forward svc/demo-internlm2-inference 50052:50052" in notes
+    assert "http://demo-internlm2-gateway.llm.svc:8000/v1  and  https://llm.example.com/v1" in notes
     assert "helm test demo" in notes
     assert TOKEN not in notes

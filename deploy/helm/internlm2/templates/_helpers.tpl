@@ -176,11 +176,11 @@ strategy:
 {{- end }}
 
 {{/*
-Env vars that give REDIS_URL. The password never appears in the manifest: REDIS_PASSWORD comes from
-the Secret and Kubernetes expands $(REDIS_PASSWORD) inside REDIS_URL (it must therefore be URL-safe;
-the generated one is alphanumeric).
+The Redis URL the services, workers and stage pods get. The password never appears in a manifest: it
+comes from the Secret as REDIS_PASSWORD, and Kubernetes expands $(REDIS_PASSWORD) inside REDIS_URL (it
+must therefore be URL-safe; the generated one is alphanumeric).
 */}}
-{{- define "internlm2.redisEnv" -}}
+{{- define "internlm2.redisUrl" -}}
 {{- $r := .Values.redis }}
 {{- $url := "" }}
 {{- if $r.internal.enabled }}
@@ -189,16 +189,23 @@ the generated one is alphanumeric).
 {{- $url = required "redis.externalUrl is required when redis.internal.enabled is false" $r.externalUrl }}
 {{- end }}
 {{- if $r.auth.enabled }}
+{{- $scheme := regexFind "^rediss?://" $url }}
+{{- $url = printf "%s:$(REDIS_PASSWORD)@%s" $scheme (trimPrefix $scheme $url) }}
+{{- end }}
+{{- $url }}
+{{- end }}
+
+{{/* Env vars that give REDIS_URL (REDIS_PASSWORD first: Kubernetes only expands variables defined before). */}}
+{{- define "internlm2.redisEnv" -}}
+{{- if .Values.redis.auth.enabled }}
 - name: REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "internlm2.redisSecretName" . }}
       key: {{ include "internlm2.redisSecretKey" . }}
-{{- $scheme := regexFind "^rediss?://" $url }}
-{{- $url = printf "%s:$(REDIS_PASSWORD)@%s" $scheme (trimPrefix $scheme $url) }}
 {{- end }}
 - name: REDIS_URL
-  value: {{ $url | quote }}
+  value: {{ include "internlm2.redisUrl" . | quote }}
 {{- end }}
 
 {{/* Env common to every InternLM2 container. */}}
@@ -228,6 +235,31 @@ the generated one is alphanumeric).
 {{- end }}
 {{- end }}
 
+{{/*
+Client flags the gateway uses to reach TLS backends: the CA that signed their certificates, and for
+mTLS the server certificate as client certificate (it must allow client auth, as for the probes).
+*/}}
+{{- define "internlm2.gatewayTlsArgs" -}}
+{{- $tls := .Values.tls }}
+{{- if $tls.enabled }}
+{{- if $tls.serverCaKey }}
+- --backend-ca-cert
+- {{ printf "%s/ca.crt" $tls.mountPath }}
+{{- end }}
+{{- /* Without a probeServerName each service is verified by its own <service>.<namespace>.svc name. */ -}}
+{{- with $tls.probeServerName }}
+- --backend-server-name
+- {{ . }}
+{{- end }}
+{{- if $tls.clientAuth }}
+- --backend-client-cert
+- {{ printf "%s/tls.crt" $tls.mountPath }}
+- --backend-client-key
+- {{ printf "%s/tls.key" $tls.mountPath }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The TLS files, projected from the Secrets into one read-only directory. */}}
 {{- define "internlm2.tlsVolume" -}}
 - name: tls
@@ -248,6 +280,31 @@ the generated one is alphanumeric).
           items:
             - {key: ca.crt, path: client-ca.crt}
       {{- end }}
+{{- end }}
+
+{{/*
+Engine flags of `internlm2 serve inference` from the inference.engine map: camelCase key -> --kebab-case
+flag; true -> --flag, false -> --no-flag, a list -> the flag and its items, null -> nothing. Whole
+numbers are printed as integers (values arrive as float64 from YAML/JSON).
+*/}}
+{{- define "internlm2.engineArgs" -}}
+{{- range $key, $value := . }}
+{{- $flag := kebabcase $key }}
+{{- if kindIs "bool" $value }}
+- {{ printf "--%s%s" (ternary "" "no-" $value) $flag | quote }}
+{{- else if kindIs "slice" $value }}
+- {{ printf "--%s" $flag | quote }}
+{{- range $value }}
+- {{ include "internlm2.scalar" . | quote }}
+{{- end }}
+{{- else if not (kindIs "invalid" $value) }}
+- {{ printf "--%s" $flag | quote }}
+- {{ include "internlm2.scalar" $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- define "internlm2.scalar" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- end }}
 
 {{/* Writable scratch space under a read-only root filesystem, plus /dev/shm when asked for. */}}
@@ -279,6 +336,31 @@ the generated one is alphanumeric).
 {{- end }}
 {{- define "internlm2.artifactsClaimName" -}}
 {{- default (include "internlm2.componentName" (dict "root" . "name" "artifacts")) .Values.artifacts.persistence.existingClaim }}
+{{- end }}
+{{- define "internlm2.dataClaimName" -}}
+{{- default (include "internlm2.componentName" (dict "root" . "name" "data")) .Values.data.persistence.existingClaim }}
+{{- end }}
+{{/* Claim name of a storage section: "model", "artifacts" or "data". */}}
+{{- define "internlm2.claimName" -}}
+{{- include (printf "internlm2.%sClaimName" .key) .root }}
+{{- end }}
+
+{{/*
+Where a serving component reads its checkpoint: the storage section ("model" or "artifacts") named by
+<component>.modelSource ("models" or "artifacts"). The template fails when modelPath is not under that
+section's mountPath or the section has no claim, so a typo never reaches a crash-looping pod.
+*/}}
+{{- define "internlm2.modelStorage" -}}
+{{- $c := .component }}
+{{- $key := ternary "artifacts" "model" (eq (default "models" $c.modelSource) "artifacts") }}
+{{- $s := index .root.Values $key }}
+{{- if not $s.persistence.enabled }}
+{{- fail (printf "%s.modelSource is %s but %s.persistence.enabled is false" .name (default "models" $c.modelSource) $key) }}
+{{- end }}
+{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" $s.mountPath)) $c.modelPath) }}
+{{- fail (printf "%s.modelPath %s is not under %s.mountPath %s (%s.modelSource: %s)" .name $c.modelPath $key $s.mountPath .name (default "models" $c.modelSource)) }}
+{{- end }}
+{{- $key }}
 {{- end }}
 
 {{/*
