@@ -619,6 +619,9 @@ def test_schema_rejects_bad_values_with_a_message_naming_the_value(values, messa
 def test_templates_reject_what_the_schema_cannot_express():
     with pytest.raises(helm.HelmRenderError, match="minReplicas \\(5\\) must not exceed maxReplicas \\(2\\)"):
         render({"inference": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}})
+    # Without the CA the gateway would call TLS services in plaintext.
+    with pytest.raises(helm.HelmRenderError, match=r"needs tls\.serverCaKey"):
+        render({"tls": {"enabled": True, "existingSecret": "t", "serverCaKey": ""}})
 
 
 # ---- lint and NOTES -----------------------------------------------------------------------------

@@ -92,6 +92,19 @@ def test_the_role_covers_every_api_call_of_the_worker(rendered, case):
     assert _missing(role["rules"], RBAC_RULES) == set()
 
 
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection", "*"}
+
+
+def test_the_role_writes_only_what_the_worker_writes(rendered):
+    """Least privilege: every write the Role grants is one RBAC_RULES lists (reads of the worker's own
+    Jobs and their pods are allowed beyond it, for diagnosis)."""
+    (role,) = by_kind(rendered["default"], "Role").values()
+    writes = {g for g in _grants(role["rules"]) if g[2] in WRITE_VERBS}
+    assert writes <= _grants(RBAC_RULES), writes - _grants(RBAC_RULES)
+    assert {g[1] for g in _grants(role["rules"])} <= {"jobs", "jobs/status", "configmaps", "services", "pods",
+                                                       "pods/log"}
+
+
 def test_the_coverage_check_catches_a_missing_permission(rendered):
     """Guard for the test above: the shipped Role of the previous release (no ConfigMaps) fails it."""
     old_role = [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},

@@ -242,6 +242,9 @@ mTLS the server certificate as client certificate (it must allow client auth, as
 {{- define "internlm2.gatewayTlsArgs" -}}
 {{- $tls := .Values.tls }}
 {{- if $tls.enabled }}
+{{- if not (or $tls.serverCaKey $tls.clientAuth) }}
+{{- fail "gateway.enabled with tls.enabled needs tls.serverCaKey: the gateway verifies the gRPC services with that CA (--backend-ca-cert)" }}
+{{- end }}
 {{- if $tls.serverCaKey }}
 - --backend-ca-cert
 - {{ printf "%s/ca.crt" $tls.mountPath }}
