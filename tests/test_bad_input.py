@@ -778,6 +778,50 @@ UNDECODABLE_CASES = [
 ]
 
 
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def struct_nested(levels: int) -> bytes:
+    """A google.protobuf.Struct {"a": {"a": ...}} ``levels`` deep (three messages per level), built by
+    hand: protobuf itself refuses to build or copy one past its recursion limit."""
+    data = b""
+    for _ in range(levels):
+        value = _length_delimited(5, data)  # Value.struct_value
+        data = _length_delimited(1, _length_delimited(1, b"a") + _length_delimited(2, value))  # Struct.fields
+    return data
+
+
+def submit_with_config(config: bytes) -> bytes:
+    spec_fields = training_pb2.StageSpec.DESCRIPTOR.fields_by_name
+    spec = _length_delimited(spec_fields["stage"].number, b"prepare_data")
+    spec += _length_delimited(spec_fields["config"].number, config)
+    return _length_delimited(training_pb2.SubmitJobRequest.DESCRIPTOR.fields_by_name["stages"].number, spec)
+
+
+def test_a_config_nested_past_protobufs_limit_names_the_config(clients, stubs):
+    case = Case(
+        "stage config nested past protobuf's limit",
+        send_bytes("/internlm2.v1.TrainingService/SubmitJob", submit_with_config(struct_nested(150))),
+        "stages[0].config",
+    )
+    error = expect(case, clients, stubs)
+    assert "nested deeper than" in error.message
+    # Within the limit the same shape is just a config (refused by the stage's schema, not by the parser).
+    with pytest.raises(InvalidArgumentError) as shallow:
+        send_bytes("/internlm2.v1.TrainingService/SubmitJob", submit_with_config(struct_nested(20)))(clients, stubs)
+    assert shallow.value.field.startswith("stages[0].config"), shallow.value.field
+    assert "nested deeper" not in shallow.value.message
+
+
 @params(UNDECODABLE_CASES)
 def test_undecodable_request_is_invalid_argument(platform, clients, stubs, case):
     error = expect(case, clients, stubs)

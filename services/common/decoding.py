@@ -18,8 +18,9 @@ from google.protobuf import descriptor as _descriptor
 
 from .errors import ServiceError
 
-# Deeper than protobuf's own parser goes (its default recursion limit is 100 nested messages).
-MAX_MESSAGE_DEPTH = 100
+# Protobuf's parser gives up past 100 nested messages. The walk runs only once parsing failed, so it
+# may be a little stricter: the failure it names is then the depth, wherever the parser stopped.
+MAX_MESSAGE_DEPTH = 90
 
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_LENGTH, _WIRE_START_GROUP, _WIRE_END_GROUP, _WIRE_FIXED32 = range(6)
 _FD = _descriptor.FieldDescriptor
@@ -110,9 +111,16 @@ def _varint(data: memoryview, pos: int, path: str) -> tuple[int, int]:
             raise _Corrupt(path, "varint longer than 10 bytes")
 
 
-def _walk(descriptor, data: memoryview, path: str, depth: int) -> None:
+# Too-deep nesting is blamed on the field near the top where it starts ("stages[0].config"), not on
+# the 90-level path where the walk stopped.
+_ANCHOR_DEPTH = 2
+
+
+def _walk(descriptor, data: memoryview, path: str, depth: int, anchor: str = "") -> None:
+    if depth <= _ANCHOR_DEPTH:
+        anchor = path
     if depth > MAX_MESSAGE_DEPTH:
-        raise _Corrupt(path, f"messages nested deeper than {MAX_MESSAGE_DEPTH} levels")
+        raise _Corrupt(anchor, f"messages nested deeper than {MAX_MESSAGE_DEPTH} levels")
     counts: dict[int, int] = {}
     pos = 0
     while pos < len(data):
@@ -140,7 +148,7 @@ def _walk(descriptor, data: memoryview, path: str, depth: int) -> None:
             value = data[pos : pos + size]
             pos += size
             if field is not None:
-                _check_value(field, value, where, depth)
+                _check_value(field, value, where, depth, anchor)
         elif wire in (_WIRE_START_GROUP, _WIRE_END_GROUP):
             raise _Corrupt(where, "groups are not used by this API")
         else:
@@ -154,14 +162,14 @@ _VARINT_TYPES = frozenset(
 )
 
 
-def _check_value(field, value: memoryview, path: str, depth: int) -> None:
+def _check_value(field, value: memoryview, path: str, depth: int, anchor: str) -> None:
     if field.type == _FD.TYPE_STRING:
         try:
             bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise _Corrupt(path, f"not valid UTF-8 (byte {exc.start})") from None
     elif field.type == _FD.TYPE_MESSAGE:
-        _walk(field.message_type, value, path, depth + 1)
+        _walk(field.message_type, value, path, depth + 1, anchor)
     elif field.is_repeated and field.type in _VARINT_TYPES:  # packed: varints back to back
         pos = 0
         while pos < len(value):
