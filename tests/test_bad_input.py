@@ -885,3 +885,13 @@ def test_health_needs_no_token(platform, service):
         stub = health_pb2_grpc.HealthStub(channel)
         status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_generated_text_nesting_without_end_is_not_a_tool_call():
+    """The model's output is parsed for tool calls after every generation; text that nests deeper than
+    Python's recursion limit is left as text (it was a RecursionError, so INTERNAL, in Generate)."""
+    from internlm2.core.tokenizer import parse_tool_calls
+
+    for body in ("[" * 100_000 + "]" * 100_000, '{"name": "f", "parameters": "' + "[" * 5000 + "]" * 5000 + '"}'):
+        content, calls = parse_tool_calls(f"<|action_start|><|plugin|>\n{body}<|action_end|>")
+        assert calls == [] and body in content

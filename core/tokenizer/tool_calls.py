@@ -134,7 +134,7 @@ def _parse_body(kind: ToolKind, body: str) -> ToolCall | None:
         return ToolCall(INTERPRETER_NAME, {"code": body}, raw=body, kind="interpreter")
     try:
         obj = json.loads(body)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # generated text can nest without end: not a call
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
@@ -142,7 +142,7 @@ def _parse_body(kind: ToolKind, body: str) -> ToolCall | None:
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None
