@@ -14,6 +14,12 @@ Names are resolved on first use so that ``internlm2.core.tokenizer`` (the tokeni
 need) does not pay for importing torch.
 """
 
+if __name__ != "internlm2.core":  # imported as a top-level `core` from the repository root
+    raise ImportError(
+        f"this folder is the package internlm2.core; import internlm2.core (not {__name__!r}): a second copy "
+        "of the same modules would hold different classes and registries"
+    )
+
 from importlib import import_module
 
 _EXPORTS = {

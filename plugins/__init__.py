@@ -9,3 +9,9 @@
     runtime     Celery app + task, supervisor of training processes, JobStore (jobs in Redis), k8s
     example_stage/  a separately installable third-party stage package (its own pyproject.toml)
 """
+
+if __name__ != "internlm2.plugins":  # imported as a top-level `plugins` from the repository root
+    raise ImportError(
+        f"this folder is the package internlm2.plugins; import internlm2.plugins (not {__name__!r}): a second copy "
+        "of the same modules would hold different classes and registries"
+    )

@@ -14,3 +14,9 @@ Servicers are thin: they convert protobuf to plain Python, call the core, and co
 cross-cutting concern (request ids, errors, auth, readiness, access logs, RPC metrics) lives in an
 interceptor in ``common``.
 """
+
+if __name__ != "internlm2.services":  # imported as a top-level `services` from the repository root
+    raise ImportError(
+        f"this folder is the package internlm2.services; import internlm2.services (not {__name__!r}): a second copy "
+        "of the same modules would hold different classes and registries"
+    )

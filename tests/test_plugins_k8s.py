@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import signal
+from typing import ClassVar
 
 import kubernetes_validate
 import pytest
@@ -153,8 +154,8 @@ def test_stage_pod_settings_file_is_checked(tmp_path):
 class RecordingApi:
     """Stands in for CoreV1Api / BatchV1Api: records each call as (resource, verb)."""
 
-    VERBS = {"create": "create", "delete": "delete", "read": "get", "patch": "patch", "list": "list",
-             "replace": "update"}
+    VERBS: ClassVar[dict[str, str]] = {"create": "create", "delete": "delete", "read": "get", "patch": "patch",
+                                       "list": "list", "replace": "update"}
 
     def __init__(self, calls: list[tuple[str, str]]):
         self.calls = calls

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from training_support import RedisServer, Worker, wait_for
+from training_support import RedisServer, Worker, install_ticker, wait_for
 
 from internlm2.plugins.runtime.jobs import JobState, JobStore
 from internlm2.plugins.runtime.launchers import RUN_MARKER
@@ -29,53 +29,6 @@ from internlm2.plugins.runtime.launchers import RUN_MARKER
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 LEASE_TTL_S = 10.0  # renewal every 1.7 s, SIGTERM after 5 s without one, SIGKILL (and watchdog) at 7 s
-
-TICKER_STAGE = '''
-import time
-from pydantic import Field
-from internlm2.plugins.contract import Stage, StageConfig
-
-
-class TickerConfig(StageConfig):
-    """Counts steps, committing a checkpoint every few."""
-
-    steps: int = Field(..., ge=1, description="Steps to count.")
-    step_s: float = Field(0.25, ge=0, description="Seconds per step.")
-    checkpoint_every: int = Field(4, ge=1, description="Commit a checkpoint every N steps.")
-
-
-def run(ctx):
-    """Count from the last committed checkpoint on; one line per execution in output_dir/runs."""
-    with open(ctx.output_dir / "runs", "a") as f:
-        f.write(f"{ctx.attempt}\\n")
-    latest = ctx.latest_checkpoint()
-    start = int(latest.name.split("-")[1]) if latest else 0
-    if latest:
-        ctx.log(f"resumed from checkpoint step {start}")
-    for step in range(start + 1, ctx.config.steps + 1):
-        ctx.raise_if_cancelled()
-        time.sleep(ctx.config.step_s)
-        ctx.report_progress(step, ctx.config.steps)
-        if step % ctx.config.checkpoint_every == 0:
-            tag = f"step-{step}"
-            (ctx.checkpoint_dir / tag).mkdir(parents=True, exist_ok=True)
-            ctx.commit_checkpoint(tag)
-    return {"steps": float(ctx.config.steps)}
-
-
-STAGE = Stage(name="ticker", description="Counts steps with checkpoints (fault tests).",
-              config_model=TickerConfig, run=run)
-'''
-
-
-def install_ticker(site: Path) -> None:
-    """The ticker stage as an installed plugin (module + dist-info on PYTHONPATH)."""
-    (site / "ticker-0.1.dist-info").mkdir(parents=True)
-    (site / "ticker_stage.py").write_text(TICKER_STAGE)
-    (site / "ticker-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ticker\nVersion: 0.1\n")
-    (site / "ticker-0.1.dist-info" / "entry_points.txt").write_text(
-        "[internlm2.stages]\nticker = ticker_stage:STAGE\n")
-
 
 class CopySampler:
     """Samples /proc: for every stage folder, the most runs of it alive at one moment."""

