@@ -12,6 +12,7 @@ import jsonschema
 import openai
 import pytest
 from gateway_fixtures import BackgroundGateway, gateway_config, start_model_services
+from services_fixtures import wait_for
 
 from internlm2.services.gateway.translate import HAS_N, HAS_STRUCTURED_OUTPUT
 
@@ -220,3 +221,21 @@ def test_score_ranks_answers_and_pooling_scores_conversations(gateway):
     assert pooled["data"][0]["data"][0] == pytest.approx(scores[1], abs=1e-5)
     many = httpx.post(gateway.url + "/pooling", json={"input": [conversation, conversation]}).json()
     assert [d["index"] for d in many["data"]] == [0, 1]
+
+
+def test_a_client_that_goes_away_frees_its_engine_work(gateway, models):
+    """Closing the HTTP stream mid-answer cancels the gRPC call, which aborts the request in the engine and
+    returns its KV blocks."""
+    engine = models.app.services[1].servicer.engine  # tokenizer, inference, reward share one server
+
+    def idle() -> bool:
+        s = engine.stats()
+        return s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks
+
+    assert wait_for(idle, 30), engine.stats()
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert engine.stats().num_running == 1
+    assert wait_for(idle, 30), engine.stats()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from fastapi import APIRouter, Request
@@ -25,6 +26,7 @@ from .translate import (
     usage_json,
 )
 
+log = logging.getLogger("internlm2.services.gateway")
 router = APIRouter()
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -32,6 +34,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def _context(request: Request):
     return request.app.state.gateway, request.state.request_id
+
+
+def _log_user(body) -> None:
+    """OpenAI's ``user`` (the caller's end-user id, for abuse tracing) goes into the log with the request id."""
+    if body.user:
+        log.info("end user", extra={"fields": {"user": body.user}})
 
 
 @router.get("/v1/models")
@@ -55,6 +63,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     gateway, request_id = _context(request)
     started = time.monotonic()
     model = await gateway.resolve_model(body.model, request_id)
+    _log_user(body)
     param_of = chat_param_of(body)
     tools_offered = bool(body.tools) and body.tool_choice != "none"
     completion_id = f"chatcmpl-{request_id}"
@@ -95,6 +104,7 @@ async def completions(body: CompletionRequest, request: Request):
     gateway, request_id = _context(request)
     started = time.monotonic()
     model = await gateway.resolve_model(body.model, request_id)
+    _log_user(body)
     param_of = completion_param_of(body)
     n = body.n or 1
     completion_id = f"cmpl-{request_id}"

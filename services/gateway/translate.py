@@ -54,9 +54,8 @@ FINISH_REASONS = {
 }
 
 
-def sampling_params(req: SamplingFields, *, max_tokens_param: str, max_tokens: int | None,
-                    logprobs_param: str, logprobs: int | None) -> inference_pb2.SamplingParams:
-    """The request's sampling parameters as the proto message; unset parameters stay unset (engine defaults)."""
+def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None):
+    """The request's SamplingParams message; unset parameters stay unset (the engine's defaults apply)."""
     for param, reason in req.unsupported():
         raise ApiError.unsupported(param, reason)
     if (req.n or 1) > 1 and not HAS_N:
@@ -192,13 +191,7 @@ def chat_request(req: ChatCompletionRequest, request_cls=inference_pb2.GenerateS
         raise ApiError.bad_param("top_logprobs", "needs logprobs: true")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    sampling = sampling_params(
-        req,
-        max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
-        max_tokens=max_tokens,
-        logprobs_param="top_logprobs",
-        logprobs=logprobs,
-    )
+    sampling = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)
     constraint = structured_output(req)
     if constraint is not None:
         sampling.structured_output.CopyFrom(constraint)
@@ -228,10 +221,7 @@ def completion_prompts(req: CompletionRequest) -> list[dict]:
 
 
 def completion_requests(req: CompletionRequest, request_cls=inference_pb2.GenerateStreamRequest) -> list:
-    sampling = sampling_params(
-        req, max_tokens_param="max_tokens", max_tokens=req.max_tokens, logprobs_param="logprobs",
-        logprobs=req.logprobs,
-    )
+    sampling = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
     return [request_cls(sampling=sampling, **fields) for fields in completion_prompts(req)]
 
 
