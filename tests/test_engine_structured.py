@@ -138,6 +138,24 @@ def test_a_constrained_request_must_be_able_to_end(engine, prompt):
     assert out.finish_reason == "stop" and out.stop_reason == 2 and re.fullmatch(REGEX, out.new_text)
 
 
+def test_the_device_and_host_bitmask_expansions_agree():
+    """apply_bitmask's GPU path (shifts on the device) and CPU path (numpy unpackbits + bias) mask the same
+    tokens; both run here on CPU tensors."""
+    from internlm2.core.engine.structured import apply_bitmask, forbidden_tokens
+
+    vocab = 1000
+    words = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+    logits = torch.zeros(5, vocab)
+    apply_bitmask(logits, [0, 2, 4], words)
+    expected = forbidden_tokens(words, vocab)
+    assert torch.equal(torch.isinf(logits[[0, 2, 4]]), expected)
+    assert not torch.isinf(logits[[1, 3]]).any()
+    assert 0.4 < expected.float().mean() < 0.6  # random words: about half the tokens each way
+    for v in (0, 31, 32, 999):  # bit v % 32 of word v // 32
+        assert bool(expected[0, v]) == (not (int(words[0, v // 32]) >> (v % 32)) & 1)
+
+
 # ---- n > 1 -------------------------------------------------------------------------------------------
 
 
