@@ -138,10 +138,13 @@ class LaunchConfig(BaseModel):
         "several nodes.",
     )
     nproc_per_node: int = Field(1, ge=1, le=64, description="Training processes (ranks) per node.")
-    num_nodes: int = Field(1, ge=1, le=1024, description="Nodes; > 1 runs as a Kubernetes indexed Job.")
+    num_nodes: int = Field(1, ge=1, le=1024, description="Nodes; > 1 runs as a Kubernetes indexed Job (refused at "
+                           "submit where no stage-pod settings, INTERNLM2_K8S_STAGE_POD, are configured).")
     image: str | None = Field(None, description="Container image of the Kubernetes pods (multi-node only).")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu requested per pod (Kubernetes).")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the process.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the process: only NCCL_*, "
+                                "TORCH_NCCL_* and a few tuning variables (OMP_NUM_THREADS, PYTORCH_CUDA_ALLOC_CONF, "
+                                "...; internlm2.plugins.runtime.pipeline.LAUNCH_ENV_ALLOWED), checked at submit.")
 
 
 class StageConfig(BaseModel):

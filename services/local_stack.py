@@ -240,6 +240,17 @@ class LocalStack:
         if not getattr(self.args, "json", False):
             emit(text)
 
+    def jobs_env(self) -> dict[str, str]:
+        """Where jobs write, and the folders their paths may lie under: on one user's machine the home
+        and temp folders, where ``up`` was started and the work dir's parent (``demo`` keeps its data
+        beside the stack), unless INTERNLM2_DATA_ROOTS says otherwise."""
+        roots = [Path.home(), Path(tempfile.gettempdir()), Path.cwd(), self.work_dir.parent]
+        return {
+            "INTERNLM2_WORK_DIR": str(self.work_dir / "jobs"),
+            "INTERNLM2_DATA_ROOTS": os.environ.get("INTERNLM2_DATA_ROOTS")
+            or os.pathsep.join(str(r.resolve()) for r in roots),
+        }
+
     # ---- 1-3: start ----------------------------------------------------------------------------------
     def prepare_models(self) -> None:
         policy, reward = getattr(self.args, "model", None), getattr(self.args, "reward_model", None)
@@ -265,7 +276,7 @@ class LocalStack:
             self.work_dir / "logs" / f"{name}.log",
             address=f"{self.host}:{port}",
             metrics_port=metrics_port,
-            env={"INTERNLM2_WORK_DIR": str(self.work_dir / "jobs")},
+            env=self.jobs_env(),
         )
 
     def start_processes(self) -> None:
@@ -305,7 +316,7 @@ class LocalStack:
                 self.work_dir / "logs" / "worker.log",
                 metrics_port=worker_metrics,
                 env={
-                    "INTERNLM2_WORK_DIR": str(self.work_dir / "jobs"),
+                    **self.jobs_env(),
                     "INTERNLM2_CANCEL_GRACE_S": os.environ.get("INTERNLM2_CANCEL_GRACE_S", str(WORKER_STAGE_GRACE_S)),
                 },
             )

@@ -73,3 +73,110 @@ def tok_vocab(up) -> int:
     from internlm2.core.tokenizer import InternLM2Tokenizer
 
     return InternLM2Tokenizer.from_pretrained(up["models"]["policy"]).vocab_size
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def running(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(480)
+def test_up_restarts_a_dead_worker_and_every_child_dies_with_up_however_it_ends(tmp_path):
+    """A ticker stage runs under `up`; its worker is killed (SIGKILL) and `up` starts another, which resumes
+    the stage. Then `up`'s stdout reader goes away (as with `up | tee` and Ctrl-C) and SIGINT arrives: exit 0,
+    no child left, the stage given back resumable. A second `up` on the same work dir resumes it from its
+    checkpoint; `up` killed with SIGKILL takes every child with it (PR_SET_PDEATHSIG)."""
+    from training_support import install_ticker
+
+    from internlm2.plugins.runtime.records import JobState
+    from internlm2.plugins.runtime.store import RedisStore
+    from internlm2.services.local_stack import EmbeddedRedis
+
+    site = tmp_path / "site"
+    install_ticker(site)
+    work = tmp_path / "stack"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "INTERNLM2_AUTH_TOKEN")}
+    env.update(PYTHONPATH=f"{site}{os.pathsep}{env.get('PYTHONPATH', '')}", INTERNLM2_LEASE_TTL_S="6",
+               INTERNLM2_CANCEL_GRACE_S="5")
+
+    def start_up():
+        with open(tmp_path / "up.err", "ab") as err:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-c", CLI, "--json", "up", "--work-dir", str(work)],
+                                    stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        return proc, read_json_line(proc, time.monotonic() + 240)
+
+    def workers_of(proc) -> list[int]:
+        out = []
+        for pid in descendants(proc.pid):
+            try:
+                cmd = psutil.Process(pid).cmdline()
+            except psutil.Error:  # gone, or a zombie not yet reaped
+                continue
+            if "serve" in cmd and "worker" in cmd:
+                out.append(pid)
+        return out
+
+    proc, up = start_up()
+    try:
+        with TrainingClient(up["training"]["address"], timeout=30) as training:
+            job_id = training.submit_job([{"stage": "ticker", "config": {"steps": 1000, "step_s": 0.2}}]).job.job_id
+            runs = work / "jobs" / job_id / "00-ticker" / "runs"
+
+            def step() -> float:
+                return training.get_job(job_id).stages[0].progress * 1000
+
+            wait_until(lambda: step() >= 5, 120, "the stage to pass a checkpoint")
+            first = up["worker"]["pid"]
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda: [p for p in workers_of(proc) if p != first], 60, "up to start another worker")
+            assert proc.poll() is None
+            wait_until(lambda: runs.read_text().split() == ["0", "1"], 120, "the stage to resume on the new worker")
+            wait_until(lambda: step() >= 9, 60, "the resumed stage to make progress")
+        children = descendants(proc.pid)
+        proc.stdout.close()  # the reader of up's output is gone (`up | tee`, Ctrl-C killed tee)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+        assert running(children) == []
+        redis = EmbeddedRedis(work / "redis")
+        try:  # the stage was given back: queued again, resumable, not failed
+            job = RedisStore(redis.url).load(job_id)
+            assert job.state is JobState.RUNNING and job.stages[0].state is JobState.QUEUED, job
+        finally:
+            redis.close()
+
+        proc, up = start_up()  # same work dir: the same Redis data, the stage resumes from its checkpoint
+        wait_until(lambda: runs.read_text().split() == ["0", "1", "2"], 120, "the second up to resume the stage")
+        children = descendants(proc.pid)
+        proc.kill()  # SIGKILL: no chance to stop anything itself
+        proc.wait()
+        wait_until(lambda: running(children) == [], 90, "every child of the killed up to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in (tmp_path / "up.err").read_text()
+

@@ -236,12 +236,19 @@ class KubernetesRun:
 
 
 class KubernetesLauncher:
-    def __init__(self, pod: StagePodSettings, store: RedisStore):
+    """``lease_ttl_s`` / ``watchdog_s``: the pods stop themselves when the stage's fence key (renewed
+    with the lease) has not been renewed for ``watchdog_s`` — a lost or partitioned worker cannot
+    delete its Job, and another worker may start the stage once the lease expires."""
+
+    def __init__(self, pod: StagePodSettings, store: RedisStore, lease_ttl_s: float = 30.0,
+                 watchdog_s: float = 21.0):
         self.pod, self.store = pod, store
+        self.lease_ttl_s, self.watchdog_s = lease_ttl_s, watchdog_s
 
     @classmethod
     def from_settings(cls, settings: RuntimeSettings) -> KubernetesLauncher:
-        return cls(StagePodSettings.load(settings.k8s_stage_pod), RedisStore(settings.redis_url))
+        return cls(StagePodSettings.load(settings.k8s_stage_pod), RedisStore(settings.redis_url),
+                   settings.lease_ttl_s, settings.kill_after_s)
 
     def start(self, job: Job, index: int, attempt: int) -> KubernetesRun:
         from kubernetes import config as k8s_config
@@ -256,7 +263,10 @@ class KubernetesLauncher:
         events_key = self.store.stage_events_key(job.job_id, index, attempt)
         channel = {"type": "redis", "url": "", "events": events_key, "cancel": self.store.cancel_key(job.job_id),
                    "fence": self.store.fence_key(job.job_id, index), "attempt": attempt}
-        cm, svc, kjob = build_manifests(name, run_spec(job, index, attempt, channel), launch, self.pod)
+        spec = run_spec(job, index, attempt, channel)
+        spec["watchdog"] = {"fence_key": channel["fence"], "lease_ttl_s": self.lease_ttl_s,
+                            "deadline_s": self.watchdog_s}
+        cm, svc, kjob = build_manifests(name, spec, launch, self.pod)
         run = KubernetesRun(self.store, events_key, name, self.pod.namespace, int(launch.get("num_nodes", 1)),
                             attempt)
         run.core.create_namespaced_config_map(self.pod.namespace, cm)

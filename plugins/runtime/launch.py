@@ -46,18 +46,49 @@ def die_with_parent() -> None:
         os._exit(EXIT_FAILED)
 
 
-def start_watchdog(path: str, deadline_s: float) -> None:
-    """Kill this run's whole process group when its supervisor has not confirmed a lease renewal
-    (the file's mtime) for ``deadline_s``: a frozen or partitioned supervisor cannot stop it, and
-    its lease is about to expire, after which another worker may start the stage."""
+def file_lease_age(path: str):
+    """One node: the supervisor sets the file's mtime to each renewal's send time."""
+
+    def age() -> float:
+        try:
+            return time.time() - os.stat(path).st_mtime
+        except FileNotFoundError:
+            return float("inf")
+
+    return age
+
+
+def redis_lease_age(url: str, fence_key: str, attempt: int, lease_ttl_s: float):
+    """Kubernetes pods: the stage's fence key carries the lease's TTL, so its age is TTL minus what is
+    left (infinite once it names another attempt or is gone); Redis unreachable counts from the
+    last answer."""
+    import redis
+
+    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2)
+    state = {"at": time.monotonic(), "age": 0.0}
+
+    def age() -> float:
+        try:
+            with client.pipeline() as pipe:
+                value, pttl = pipe.get(fence_key).pttl(fence_key).execute()
+        except redis.RedisError:
+            return state["age"] + time.monotonic() - state["at"]
+        state["at"] = time.monotonic()
+        state["age"] = lease_ttl_s - pttl / 1000 if value == str(attempt) and pttl > 0 else float("inf")
+        return state["age"]
+
+    return age
+
+
+def start_watchdog(lease_age, deadline_s: float) -> None:
+    """Kill this run's whole process group once its lease has not been renewed for ``deadline_s``
+    (``lease_age()``): a frozen or partitioned supervisor cannot stop it, and the lease is about to
+    expire, after which another worker may start the stage."""
 
     def loop() -> None:
         while True:
             time.sleep(min(0.5, deadline_s / 4))
-            try:
-                age = time.time() - os.stat(path).st_mtime
-            except FileNotFoundError:
-                age = float("inf")
+            age = lease_age()
             if age > deadline_s:
                 print(f"watchdog: no lease renewal for {age:.1f} s; stopping this run", file=sys.stderr, flush=True)
                 os.killpg(os.getpgrp(), signal.SIGKILL)
@@ -72,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     die_with_parent()
     spec = json.loads(Path(argv[0]).read_text())
-    if spec.get("watchdog"):
-        start_watchdog(spec["watchdog"]["path"], float(spec["watchdog"]["deadline_s"]))
+    watchdog = spec.get("watchdog")
+    if watchdog and watchdog.get("path"):
+        start_watchdog(file_lease_age(watchdog["path"]), float(watchdog["deadline_s"]))
+    elif watchdog and watchdog.get("fence_key"):
+        start_watchdog(redis_lease_age(watchdog.get("url") or os.environ["REDIS_URL"], watchdog["fence_key"],
+                                       spec["attempt"], float(watchdog["lease_ttl_s"])), float(watchdog["deadline_s"]))
     import torch  # decide the DeepSpeed accelerator before any stage imports deepspeed
 
     if not torch.cuda.is_available():

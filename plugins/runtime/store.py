@@ -7,7 +7,8 @@ Keys (namespace ``il2``)::
     {ns}:jobs                   sorted set of job ids by create time
     {ns}:idem:{key}             idempotency key -> job id
     {ns}:lease:{id}:{i}         lease of a running stage: token, PX = lease TTL
-    {ns}:fence:{id}:{i}         the running stage's attempt (fencing token for commits from pods)
+    {ns}:fence:{id}:{i}         the running stage's attempt, with the lease's TTL (fencing token and
+                                watchdog of Kubernetes pods)
     {ns}:running                members {id}:{i} of stages holding (or having held) a lease
     {ns}:cancel:{id}            cancel requested (the reason)
     {ns}:dispatch               dispatch intents {id}:{i} scored by when they were recorded
@@ -39,8 +40,12 @@ local n = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[1])
 return n
 """
+# The fence key lives and is renewed with the lease: pods watch its TTL (see ``launch``).
 _RENEW_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 0
 """
 # Compare-and-set of one dispatch intent: only the caller that saw its current time changes it
@@ -183,7 +188,7 @@ class RedisStore:
         if fx.take_lease is not None:
             i = fx.take_lease
             pipe.set(self.lease_key(job_id, i), lease_token, px=max(1, int(lease_ttl_s * 1000)))
-            pipe.set(self.fence_key(job_id, i), job.stages[i].attempt)
+            pipe.set(self.fence_key(job_id, i), job.stages[i].attempt, px=max(1, int(lease_ttl_s * 1000)))
             pipe.sadd(self.running_key, intent_member(job_id, i))
         if fx.drop_intents:
             pipe.zrem(self.intents_key, *(intent_member(job_id, i) for i in fx.drop_intents))
@@ -196,7 +201,8 @@ class RedisStore:
 
     # ---- leases -------------------------------------------------------------------------------
     def renew_lease(self, job_id: str, index: int, token: str, ttl_s: float) -> bool:
-        return bool(self.r.eval(_RENEW_LEASE, 1, self.lease_key(job_id, index), token, int(ttl_s * 1000)))
+        return bool(self.r.eval(_RENEW_LEASE, 2, self.lease_key(job_id, index), self.fence_key(job_id, index), token,
+                                int(ttl_s * 1000)))
 
     def lease_exists(self, job_id: str, index: int) -> bool:
         return bool(self.r.exists(self.lease_key(job_id, index)))
