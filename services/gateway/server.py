@@ -129,6 +129,15 @@ async def _serve_until_signal(server: GatewayServer) -> None:
     await server.drain_and_stop()
 
 
+def _loop_factory():
+    """uvloop when installed (uvicorn[standard]): the gateway's work is per-chunk event-loop traffic."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(args) -> int:
     try:
         config = GatewayConfig.from_args(args)  # usage errors (exit 2) surface before logging is taken over
@@ -137,7 +146,8 @@ def serve(args) -> int:
         return 2
     configure_logging("gateway", getattr(args, "log_level", None) or "INFO")
     try:
-        asyncio.run(_serve_until_signal(GatewayServer(config)))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_serve_until_signal(GatewayServer(config)))
     except Exception:
         log.exception("gateway failed")
         return 1
