@@ -195,6 +195,22 @@ def test_retry_queues_a_cancelled_job_again(client, corpus):
     assert states == [JobState.QUEUED, JobState.CANCELLED, JobState.QUEUED, JobState.CANCELLED]
 
 
+def test_train_cli_submits_inputs_and_retries(server, client, corpus, capsys):
+    from internlm2_client.cli import main
+
+    config = json.dumps({**corpus, "tokenizer": "input:tok"})
+    argv = ["--json", "train", "submit", "--stage", f"prepare_data={config}", "--input",
+            f"checkpoint:tok={corpus['tokenizer']}", "--address", server.address]
+    assert main(argv) == 0
+    job_id = json.loads(capsys.readouterr().out)["job"]["job_id"]
+    client.cancel_job(job_id)
+    assert main(["train", "retry", job_id, "--address", server.address]) == 0
+    assert job_id in capsys.readouterr().out and client.get_job(job_id).state == JobState.QUEUED
+    client.cancel_job(job_id)
+    assert main(["train", "retry", "0123456789abcdef", "--address", server.address]) == 1  # NOT_FOUND, one line
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_redis_outage_means_not_serving_and_unavailable_then_recovery(tmp_path_factory, corpus):
     redis = EmbeddedRedis(tmp_path_factory.mktemp("redis-outage"))
     app = GrpcApp(ServerConfig("training", host="127.0.0.1", port=0),

@@ -50,6 +50,8 @@ def make_app(settings: RuntimeSettings) -> Celery:
         result_expires=30 * 24 * 3600,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a Redis outage must not end the worker
+        # ... nor the stage it supervises: the lease, not the broker connection, decides (Celery 6 flips this).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
     )
     stopping = threading.Event()
