@@ -82,10 +82,12 @@ def write_random_checkpoint(directory: Path, preset: str, layers: int | None = N
     config = InternLM2Config.preset(preset, **overrides)
     with torch.device("meta"):
         model = InternLM2ForCausalLM(config)
-    g = torch.Generator().manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # drawing 2B normals on 2 CPU cores takes minutes
+    g = torch.Generator(device).manual_seed(seed)
     writer = ShardedWriter(directory, config, "InternLM2ForCausalLM", torch.bfloat16, max_shard_bytes=2 * 2**30)
     for name, p in model.named_parameters():
-        t = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.02
+        t = (torch.ones(p.shape) if name.endswith("norm.weight")
+             else torch.randn(p.shape, generator=g, device=device) * 0.02)
         writer.add(name, t.to(torch.bfloat16))
         del t
     writer.close()

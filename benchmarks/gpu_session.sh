@@ -35,4 +35,6 @@ run kernels 50 python3 benchmarks/bench_kernels.py
 run prefill 30 python3 benchmarks/bench_model.py --seq 2048
 run engine 120 python3 benchmarks/bench_engine.py --json "$OUT/engine.json"
 run training 90 python3 benchmarks/bench_training.py --deepspeed
+# 1.8B loading + one step per stage with CUDA peak memory vs the planner (random weights drawn on the GPU)
+run memory 120 python3 benchmarks/bench_memory.py --dir /tmp/bench-memory --json "$OUT/memory.json"
 echo "done; outputs in $OUT"

@@ -110,3 +110,16 @@ def test_long_context_under_zero3_sweeps_needles(world, tmp_path):
     assert cfg["max_position_embeddings"] == 512
     assert changed(InternLM2ForCausalLM.from_pretrained(tmp_path / "final"),
                    InternLM2ForCausalLM.from_pretrained(world["base"]))
+
+
+def test_reward_model_with_lora_under_zero3_exports_merged(world, tmp_path):
+    """LoRA adapters on partitioned base weights: only adapters and v_head train, and the export gathers
+    each wrapped linear and writes W + scale * B @ A under the official name."""
+    run_stage("reward_model", {"train_data": str(world["prefs"]), "lr": 5e-3, "epochs": None,
+                                        "max_steps": 3, "pairs_per_batch": 8, "eval_fraction": 0.1,
+                                        "lora_rank": 4, "lora_alpha": 8}, world, tmp_path)
+    rm = InternLM2ForRewardModel.from_pretrained(tmp_path / "final")  # strict: no lora_* names left
+    base = InternLM2ForCausalLM.from_pretrained(world["base"])
+    assert torch.count_nonzero(rm.v_head.weight) > 0
+    assert not torch.equal(rm.model.layers[0].feed_forward.w1.weight, base.model.layers[0].feed_forward.w1.weight)
+    assert torch.equal(rm.model.tok_embeddings.weight, base.model.tok_embeddings.weight)  # frozen, not adapted
