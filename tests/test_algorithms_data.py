@@ -109,3 +109,27 @@ def test_frozen_models_get_no_gradients():
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert frozen_dtype("auto", "cpu") == torch.float32 and frozen_dtype("auto", "cuda:0") == torch.bfloat16
     assert frozen_dtype("fp32", "cuda:0") == torch.float32
+
+
+def test_ppo_losses_weigh_every_token_alike_across_ranks():
+    """Two data-parallel ranks with different response-token counts: DeepSpeed averages their gradients, so
+    each rank's loss must be its token SUM over (global tokens / ranks) for the result to be the token mean
+    of the whole batch; per-rank token means would over-weigh the rank with fewer tokens."""
+    from internlm2.plugins.algorithms.ppo_loss import clipped_policy_loss, clipped_value_loss
+
+    g = torch.Generator().manual_seed(0)
+    logp, old, adv = (torch.randn(4, 6, generator=g) * 0.1 for _ in range(3))
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[0, :6] = mask[1, :5] = True  # rank 0: rows 0-1, 11 tokens
+    mask[2, :1] = mask[3, :2] = True  # rank 1: rows 2-3, 3 tokens
+    whole = clipped_policy_loss(logp, old, adv, mask).loss
+    ranks = [slice(0, 2), slice(2, 4)]
+    denominator = mask.sum() / 2
+    averaged = sum(clipped_policy_loss(logp[r], old[r], adv[r], mask[r], denominator=denominator).loss
+                   for r in ranks) / 2
+    torch.testing.assert_close(averaged, whole)
+    naive = sum(clipped_policy_loss(logp[r], old[r], adv[r], mask[r]).loss for r in ranks) / 2
+    assert not torch.allclose(naive, whole)
+    value = clipped_value_loss(logp, old, adv, mask, 0.2).loss
+    averaged = sum(clipped_value_loss(logp[r], old[r], adv[r], mask[r], 0.2, denominator).loss for r in ranks) / 2
+    torch.testing.assert_close(averaged, value)

@@ -47,3 +47,22 @@ def test_rollouts_after_an_in_place_update_use_the_new_weights(tokenizer):
 
     after = rollouts.generate([prompt], greedy(12))
     assert after[0].response_ids == expected
+
+
+def test_rollout_logprobs_are_those_of_the_sampling_temperature(tokenizer):
+    """PPO's ratio compares log-probs of the distribution the tokens were drawn from: softmax(logits / T)."""
+    from internlm2.plugins.algorithms.ppo_experience import policy_logprobs
+    from internlm2.plugins.algorithms.rollout import Rollout, collate_rollouts
+
+    config = InternLM2Config.preset("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
+    model = random_model(config, seed=4)
+    rollouts = [Rollout([5, 6, 7], [8, 9, 10, 11], "", "length"), Rollout([5, 6], [12, 13], "", "stop")]
+    batch = collate_rollouts(rollouts, tokenizer.pad_id)
+    with torch.no_grad():
+        logits = model(batch.input_ids).float()
+        for t in (1.0, 0.6):
+            expected = torch.log_softmax(logits / t, dim=-1).gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
+            got = policy_logprobs(model, batch, t)
+            torch.testing.assert_close(got[batch.action_mask], expected[batch.action_mask], rtol=1e-4, atol=1e-5)
+            assert (got[~batch.action_mask] == 0).all()
+        assert not torch.allclose(policy_logprobs(model, batch, 0.6), policy_logprobs(model, batch, 1.0))

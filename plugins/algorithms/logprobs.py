@@ -35,21 +35,23 @@ def shifted_labels(input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.
 
 
 def token_logprobs(
-    model, input_ids: torch.Tensor, labels: torch.Tensor, padding_mask: torch.Tensor | None = None
+    model, input_ids: torch.Tensor, labels: torch.Tensor, padding_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """log p(labels[:, t] | input_ids[:, :t + 1]) at every labelled position, 0 where labels == IGNORE.
 
     ``model`` is an ``InternLM2ForCausalLM`` (or anything with ``.model`` -> hidden and ``.output``);
-    ``padding_mask`` [B, T] marks real tokens of right-padded rows. Returns [B, T] fp32.
+    ``padding_mask`` [B, T] marks real tokens of right-padded rows. ``temperature``: the log-probs of
+    softmax(logits / T), the distribution PPO's rollouts were sampled from (the output head has no bias,
+    so scaling the hidden states scales the logits). Returns [B, T] fp32.
     """
     attn = DenseAttention(padding_mask=padding_mask.bool()) if padding_mask is not None else None
     hidden = model.model(input_ids, attn=attn)  # (B, T, H)
     selected = labels != IGNORE
     out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     if selected.any():
-        nll = fused_linear_cross_entropy(
-            hidden[selected], model.output.weight, labels[selected], reduction="none"
-        )  # (N_selected,)
+        rows = hidden[selected] if temperature == 1.0 else hidden[selected] / temperature
+        nll = fused_linear_cross_entropy(rows, model.output.weight, labels[selected], reduction="none")  # (N,)
         out = out.masked_scatter(selected, -nll.float())
     return out
 

@@ -73,15 +73,20 @@ class Experience:
 
 def critic_values(critic, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     """Per-position values (B, T) fp32 from an ``InternLM2ForRewardModel``-shaped critic."""
-    return critic(input_ids, attn=DenseAttention(padding_mask=padding_mask))
+    return critic(input_ids, attn=DenseAttention(padding_mask=padding_mask)).float()
+
+
+def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (B, T) of the taken actions under softmax(logits / T) — the sampling distribution."""
+    return token_logprobs(model, batch.input_ids, batch.labels, batch.padding_mask, temperature)
 
 
 @torch.no_grad()
 def make_experience(
-    actor,
-    ref,
-    critic,
     batch: RolloutBatch,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
     scores: torch.Tensor,
     kl_coef: float,
     gamma: float,
@@ -89,11 +94,10 @@ def make_experience(
     score_clip: float | None = None,
     whiten_advantages: bool = False,
 ) -> Experience:
-    """Log-probs of actor and reference, critic values, KL-shaped rewards and GAE for one rollout batch."""
+    """KL-shaped rewards and GAE for one rollout batch, from the actor's and the reference's log-probs
+    and the critic's values at rollout time (computed by the caller: under ZeRO-3 through the engines)."""
     mask = batch.action_mask
-    old_logprobs = token_logprobs(actor, batch.input_ids, batch.labels, batch.padding_mask)
-    ref_logprobs = token_logprobs(ref, batch.input_ids, batch.labels, batch.padding_mask)
-    values = critic_values(critic, batch.input_ids, batch.padding_mask) * mask
+    values = values * mask
     rewards, kl = kl_shaped_rewards(old_logprobs, ref_logprobs, scores.to(old_logprobs.device), mask,
                                     kl_coef, score_clip)
     advantages, returns = gae(rewards, values, mask, gamma, lam)
@@ -103,13 +107,16 @@ def make_experience(
                       scores.to(old_logprobs.device), kl)
 
 
-def actor_loss(actor, mb: dict[str, torch.Tensor], clip: float) -> PolicyLossOutput:
-    """Clipped policy loss of a minibatch (:meth:`Experience.minibatch`) under the actor's current weights."""
-    logprobs = token_logprobs(actor, mb["input_ids"], mb["labels"], mb["padding_mask"])
-    return clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["action_mask"], clip)
+def actor_loss(actor, mb: dict[str, torch.Tensor], clip: float, temperature: float = 1.0) -> PolicyLossOutput:
+    """Clipped policy loss of a minibatch (:meth:`Experience.minibatch`) under the actor's current weights,
+    at the sampling temperature; normalised by ``mb["loss_denominator"]`` when the loop gives one."""
+    logprobs = token_logprobs(actor, mb["input_ids"], mb["labels"], mb["padding_mask"], temperature)
+    return clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["action_mask"], clip,
+                               mb.get("loss_denominator"))
 
 
 def critic_loss(critic, mb: dict[str, torch.Tensor], clip: float | None) -> ValueLossOutput:
     """Clipped value loss of a minibatch under the critic's current weights."""
     values = critic_values(critic, mb["input_ids"], mb["padding_mask"])
-    return clipped_value_loss(values, mb["old_values"], mb["returns"], mb["action_mask"], clip)
+    return clipped_value_loss(values, mb["old_values"], mb["returns"], mb["action_mask"], clip,
+                              mb.get("loss_denominator"))

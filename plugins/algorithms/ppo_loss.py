@@ -28,6 +28,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | float | None) -> torch.Tensor:
+    """Sum over real tokens / ``denominator`` (the global token count of the step, per rank — see
+    ``trainer.deepspeed_loop``), or the plain masked mean when none is given."""
+    if denominator is None:
+        return masked_mean(x, mask)
+    return (x * mask.to(x.dtype)).sum() / denominator
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x − mean) / std over the real tokens; padded positions come back 0."""
     mean = masked_mean(x, mask)
@@ -98,13 +106,14 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,
+    denominator: torch.Tensor | float | None = None,
 ) -> PolicyLossOutput:
-    """Token-mean over real tokens of −min(ρA, clip(ρ, 1 ± ε)A)."""
+    """Token-mean over real tokens of −min(ρA, clip(ρ, 1 ± ε)A) (``denominator``: see :func:`token_mean`)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
-    loss = masked_mean(-torch.min(unclipped, clipped), mask)
+    loss = token_mean(-torch.min(unclipped, clipped), mask, denominator)
     with torch.no_grad():
         clip_fraction = float(masked_mean((clipped < unclipped).to(logprobs.dtype), mask))
         approx_kl = float(masked_mean(0.5 * log_ratio**2, mask))
@@ -123,14 +132,15 @@ def clipped_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: float | None = 0.2,
+    denominator: torch.Tensor | float | None = None,
 ) -> ValueLossOutput:
     """Token-mean of ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²); ``clip=None`` is the plain ½(V − R)²."""
     unclipped = (values - returns) ** 2
     if clip is None:
-        return ValueLossOutput(0.5 * masked_mean(unclipped, mask), 0.0)
+        return ValueLossOutput(0.5 * token_mean(unclipped, mask, denominator), 0.0)
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    loss = 0.5 * token_mean(torch.max(unclipped, clipped), mask, denominator)
     with torch.no_grad():
         clip_fraction = float(masked_mean((clipped > unclipped).to(values.dtype), mask))
     return ValueLossOutput(loss, clip_fraction)

@@ -7,6 +7,13 @@ values. So :class:`RolloutEngine` keeps ONE engine for the whole run (the KV poo
 graphs are built once) with prefix caching ON — the samples of a prompt share its blocks within a batch —
 and drops every cached prefix (``LLMEngine.reset_prefix_cache``) before each batch, when the weights
 may have changed since the last one (tests/test_rollout.py).
+
+Under ZeRO-3 the actor's parameters are partitioned across ranks: there are no full weights to sample
+from. Then the engine runs on its own generation copy of the model (built once, in the training dtype, on
+the rank's device) and ``weights_from`` names the partitioned actor: before each batch its weights are
+gathered one module at a time (``deepspeed.zero.GatheredParameters`` via the trainer's export walk; LoRA
+layers merged) and copied into the copy, each gathered module freed before the next — the hybrid-engine
+pattern of DeepSpeed-Chat / OpenRLHF. Every rank joins the gathers (they are collective).
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ class RolloutEngine:
     """Samples responses from a model (the actor's live module) with the shared ``LLMEngine``."""
 
     def __init__(self, model, tokenizer, max_model_len: int, kv_cache_bytes: int | None = None,
-                 max_num_seqs: int = 64, block_size: int = 16):
+                 max_num_seqs: int = 64, block_size: int = 16, weights_from=None):
         from internlm2.core.engine import EngineConfig
 
         self.model = model
+        self.weights_from = weights_from
         self.tokenizer = tokenizer
         self.config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -55,9 +63,27 @@ class RolloutEngine:
         return engine
 
     @torch.no_grad()
+    def sync_weights(self) -> int:
+        """Copy the partitioned trained model's current weights into the generation copy (collective);
+        returns the number of tensors copied (0 when the engine samples from the trained module itself)."""
+        if self.weights_from is None:
+            return 0
+        from ..trainer.export import iter_export_tensors
+
+        params = dict(self.model.named_parameters())
+        copied = 0
+        for name, tensor in iter_export_tensors(self.weights_from):
+            params[name].copy_(tensor)
+            copied += 1
+        if copied != len(params):
+            raise RuntimeError(f"hybrid engine: {copied} tensors from the trained model, the copy has {len(params)}")
+        return copied
+
+    @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params) -> list[Rollout]:
         """One response per prompt (repeat a prompt to sample it several times), in prompt order.
-        ``params``: one SamplingParams for all, or one per prompt."""
+        ``params``: one SamplingParams for all, or one per prompt. Every rank calls it (weight sync)."""
+        self.sync_weights()
         self._engine.reset_prefix_cache()  # KV cached before the last optimizer step is stale
         outputs = self._engine.generate([list(p) for p in prompts], params)
         rollouts = []
