@@ -497,3 +497,24 @@ def test_engine_metrics_after_requests(server, client, checkpoint):
     info = next(line for line in text.splitlines() if line.startswith("internlm2:cache_config_info{"))
     assert 'num_gpu_blocks="1024"' in info and 'enable_prefix_caching="True"' in info and info.endswith(" 1.0")
     assert value(f'internlm2:request_success_total{{finished_reason="deadline_exceeded",{label}}}') >= 1
+
+
+def test_every_proto_sampling_field_reaches_the_engine_params():
+    """The conversion tables come from the proto descriptor: each SamplingParams field set on the wire
+    arrives in the engine's SamplingParams, so a new field needs no hand-kept list."""
+    from internlm2.core.engine import SamplingParams, StructuredOutput
+    from internlm2.services.inference.requests import sampling_from_proto
+    from internlm2.v1 import inference_pb2
+    from internlm2_client import _convert as cv
+
+    values = {"temperature": 0.5, "top_p": 0.75, "top_k": 7, "min_p": 0.25, "repetition_penalty": 1.5,
+              "presence_penalty": 0.5, "frequency_penalty": -0.5, "seed": 3, "max_new_tokens": 9,
+              "min_new_tokens": 2, "logprobs": 4, "prompt_logprobs": 1, "skip_special_tokens": False, "n": 2}
+    scalars = {f.name for f in inference_pb2.SamplingParams.DESCRIPTOR.fields
+               if f.has_presence and f.message_type is None and not f.is_repeated}
+    assert scalars - {"ignore_eos"} == set(values), "give the new field a test value here"
+    pb = cv.sampling_to_pb(stop=["END"], structured_output={"regex": "[0-9]+"}, **values)
+    params = sampling_from_proto(pb, SamplingParams, StructuredOutput)
+    assert {name: getattr(params, name) for name in values} == values
+    assert params.stop == ("END",) and params.structured_output == StructuredOutput(regex="[0-9]+")
+    assert params.validate() is params

@@ -154,9 +154,10 @@ def structured_output_to_pb(value: t.StructuredOutput | Mapping[str, Any]) -> in
 
 
 def sampling_to_pb(params: t.SamplingParams | None = None, **overrides: Any) -> inference_pb2.SamplingParams:
-    """SamplingParams (+ keyword overrides) -> proto; None fields stay unset (engine default)."""
+    """SamplingParams (+ keyword overrides) -> proto; None fields stay unset (engine default). Any scalar
+    of the proto's SamplingParams is accepted as a keyword even before types.SamplingParams names it."""
     values = dict(vars(params)) if params is not None else {}
-    unknown = set(overrides) - set(vars(t.SamplingParams()))
+    unknown = set(overrides) - set(vars(t.SamplingParams())) - set(_SCALAR_SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
