@@ -177,3 +177,35 @@ def test_jobs_tab_shows_live_progress_and_the_loss_curve(page, running_job, tmp_
     page.wait_for_selector(f"#jobs-table tr[data-job-id='{job_id}'] .state.succeeded")
     assert page.get_attribute("#curve svg polyline", "data-steps") == "1,2,3,4,5"
     _screenshot(page, "playground-jobs.png", tmp_path)
+
+
+def test_jobs_json_endpoints_filter_and_errors(stack, running_job):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=stack["gateway"].url, headers=headers, timeout=30) as http:
+        listed = http.get("/v1/internlm2/jobs", params={"state": ["succeeded", "running"]}).json()
+        assert running_job["id"] in [job["job_id"] for job in listed["data"]]
+        assert http.get("/v1/internlm2/jobs", params={"state": "queued"}).json()["data"] == []
+        job = http.get(f"/v1/internlm2/jobs/{running_job['id']}").json()
+        assert job["name"] == "playground-job" and job["stages"][0]["stage"] == "prepare_data"
+        missing = http.get("/v1/internlm2/jobs/no-such-job")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+        assert http.get("/v1/internlm2/jobs/no-such-job/events").status_code == 404
+        bad = http.get("/v1/internlm2/jobs", params={"state": "sleeping"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "state"
+        bad_size = http.get("/v1/internlm2/jobs", params={"page_size": 5000})
+        assert bad_size.status_code == 400 and bad_size.json()["error"]["param"] == "page_size"
+
+
+def test_chat_shows_json_schema_output(page):
+    page.click(".tab[data-tab='chat']")
+    page.click("#clear")
+    page.select_option("#response-format", "json_schema")
+    page.fill("#schema", json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                     "required": ["ok"], "additionalProperties": False}))
+    page.fill("#max_tokens", "64")
+    page.fill("#prompt", "Answer as JSON.")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant.done", timeout=120_000)
+    box = page.text_content(".msg.assistant .json-output")
+    assert box.startswith("JSON output ✓"), box
+    assert json.loads(box.split("\n", 1)[1]) in ({"ok": True}, {"ok": False})
