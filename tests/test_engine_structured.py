@@ -197,6 +197,20 @@ def test_sibling_seeds_are_reproducible_and_sibling_zero_is_the_n1_completion(en
     assert len({tuple(o.new_token_ids) for o in first}) == 3  # distinct streams (temperature 1 over 92k ids)
 
 
+def test_best_of_siblings_carry_their_cumulative_logprob(engine, prompt):
+    params = SamplingParams(n=1, best_of=3, seed=11, max_new_tokens=6, ignore_eos=True)
+    outs = engine.generate([prompt], params)
+    with_logprobs = engine.generate([prompt], SamplingParams(n=3, seed=11, max_new_tokens=6, ignore_eos=True,
+                                                             logprobs=0))
+    assert [o.new_token_ids for o in outs] == [o.new_token_ids for o in with_logprobs]
+    for out, ref in zip(outs, with_logprobs):
+        assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in ref.logprobs), abs=1e-4)
+    assert engine.generate([prompt], SamplingParams(n=2, max_new_tokens=2))[0].cumulative_logprob is None
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request("b", prompt, SamplingParams(n=3, best_of=2))
+    assert info.value.field == "best_of"
+
+
 def test_abort_ends_every_sibling(engine, prompt):
     engine.add_request("group", prompt, SamplingParams(n=3, max_new_tokens=50, ignore_eos=True))
     engine.step()

@@ -191,6 +191,7 @@ ENGINE_SAMPLING_FIELDS = {
     "skip_special_tokens",
     "n",
     "structured_output",
+    "best_of",
 }
 
 

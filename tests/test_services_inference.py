@@ -353,6 +353,7 @@ BAD_REQUESTS = [
     ("bad grammar", {"prompt": "hi", "structured_output": {"grammar": "root ::= nowhere"}},
      "sampling.structured_output.grammar"),
     ("no structured kind", {"prompt": "hi", "structured_output": {}}, "sampling.structured_output"),
+    ("best_of below n", {"prompt": "hi", "n": 3, "best_of": 2}, "sampling.best_of"),
 ]
 
 
@@ -449,6 +450,22 @@ def test_n_choices_share_one_prompt_and_count_it_once(server, client):
     assert_engine_idle(server)
 
 
+def test_best_of_returns_the_most_likely_of_its_samples(server, client):
+    """best_of=3, n=2: the two of the three seeded samples with the highest summed logprob, best first; the
+    three samples are the n=3 choices of the same seed. Streams refuse best_of > n."""
+    kwargs = dict(prompt="Pick the best", seed=8, max_new_tokens=5, ignore_eos=True, logprobs=0)
+    every = client.generate(n=3, **kwargs).choices
+    best = client.generate(n=2, best_of=3, **kwargs)
+    ranked = sorted(every, key=lambda c: -sum(lp.logprob for lp in c.logprobs))
+    assert [c.token_ids for c in best.choices] == [c.token_ids for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and best.token_ids == ranked[0].token_ids
+    assert best.usage.completion_tokens == 15  # every sampled token counts
+    with pytest.raises(InvalidArgumentError) as info:
+        list(client.generate_stream(n=1, best_of=2, **kwargs))
+    assert info.value.field == "sampling.best_of"
+    assert_engine_idle(server)
+
+
 def test_json_schema_output_through_the_service(server, client):
     import json
 
@@ -509,7 +526,8 @@ def test_every_proto_sampling_field_reaches_the_engine_params():
 
     values = {"temperature": 0.5, "top_p": 0.75, "top_k": 7, "min_p": 0.25, "repetition_penalty": 1.5,
               "presence_penalty": 0.5, "frequency_penalty": -0.5, "seed": 3, "max_new_tokens": 9,
-              "min_new_tokens": 2, "logprobs": 4, "prompt_logprobs": 1, "skip_special_tokens": False, "n": 2}
+              "min_new_tokens": 2, "logprobs": 4, "prompt_logprobs": 1, "skip_special_tokens": False, "n": 2,
+              "best_of": 3}
     scalars = {f.name for f in inference_pb2.SamplingParams.DESCRIPTOR.fields
                if f.has_presence and f.message_type is None and not f.is_repeated}
     assert scalars - {"ignore_eos"} == set(values), "give the new field a test value here"

@@ -44,8 +44,8 @@ class AsyncLLMEngine:
     # ---- caller side (event loop) -------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's RequestOutput deltas (of all its ``n`` siblings, told apart by ``index``);
-        each sibling's last one has ``finished=True`` and the stream ends after the n-th.
+        """Stream a request's RequestOutput deltas (of all its siblings, ``n`` or ``best_of``, told apart by
+        ``index``); each sibling's last one has ``finished=True`` and the stream ends after the last.
 
         Raises InvalidRequestError (DuplicateRequestError for a live id) / EngineOverloadedError /
         EngineClosedError on the first iteration. Validation runs here, on the caller's side, once (the
@@ -66,10 +66,10 @@ class AsyncLLMEngine:
             # reaches the engine thread, keeps a duplicate from taking over the live stream's queue.
             if request_id in self._streams:
                 raise DuplicateRequestError(request_id)
-            self._streams[request_id] = [loop, queue, params.n]
+            self._streams[request_id] = [loop, queue, params.num_sequences]
             self._inbox.append(("add", request_id, prompt, params))
             self._cond.notify()
-        open_ = params.n
+        open_ = params.num_sequences
         try:
             while open_:
                 out = await queue.get()

@@ -166,7 +166,7 @@ class LLMEngine:
         leader = Request(request_id, prompt, params, self.eos_token_ids, key)
         siblings = [leader] + [
             Request(request_id, prompt, params, self.eos_token_ids, sibling_key(key, i), index=i, leader=leader)
-            for i in range(1, params.n)
+            for i in range(1, params.num_sequences)
         ]
         if params.structured_output is not None:
             for req in siblings:  # compiled already (validate_request): a cache hit
@@ -252,7 +252,7 @@ class LLMEngine:
         ids = [f"{request_id_prefix}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
         for rid, prompt, p in zip(ids, prompts, params_list):
             self.add_request(rid, prompt, p)
-        keys = [(rid, i) for rid, p in zip(ids, params_list) for i in range(p.n if p is not None else 1)]
+        keys = [(rid, i) for rid, p in zip(ids, params_list) for i in range(p.num_sequences if p is not None else 1)]
         merged: dict[tuple[str, int], RequestOutput] = {}
         remaining = set(keys)
         while remaining:
@@ -298,7 +298,7 @@ def merge_outputs(acc: RequestOutput | None, delta: RequestOutput) -> RequestOut
             logprobs=list(delta.logprobs) if delta.logprobs is not None else None, finished=delta.finished,
             finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, prompt_tokens=delta.prompt_tokens,
             completion_tokens=delta.completion_tokens, prompt_logprobs=delta.prompt_logprobs, error=delta.error,
-            metrics=delta.metrics, index=delta.index,
+            metrics=delta.metrics, index=delta.index, cumulative_logprob=delta.cumulative_logprob,
         )
     acc.new_token_ids.extend(delta.new_token_ids)
     acc.new_text += delta.new_text
@@ -312,4 +312,5 @@ def merge_outputs(acc: RequestOutput | None, delta: RequestOutput) -> RequestOut
     acc.completion_tokens = delta.completion_tokens
     acc.error = delta.error
     acc.metrics = delta.metrics
+    acc.cumulative_logprob = delta.cumulative_logprob
     return acc

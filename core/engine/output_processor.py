@@ -130,6 +130,7 @@ class OutputProcessor:
             stop_reason=stop_reason if finished else None, prompt_tokens=req.num_prompt_tokens,
             completion_tokens=req.num_output_tokens, prompt_logprobs=prompt_logprobs,
             error=error if error is not None else req.error, metrics=req.metrics(finished, now), index=req.index,
+            cumulative_logprob=req.cumulative_logprob,
         )
 
     def final_output(self, req: Request) -> RequestOutput:

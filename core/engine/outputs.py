@@ -52,7 +52,8 @@ class RequestOutput:
     A request with ``n`` > 1 yields the outputs of its n sibling sequences under its one
     ``request_id``, told apart by ``index`` (0 .. n-1); each sibling has its own ``finished`` output, and
     the request is done when all n are. ``prompt_tokens`` is the whole prompt on every sibling (usage
-    counts it once per request).
+    counts it once per request). With ``best_of`` there are best_of siblings, each output carrying its
+    ``cumulative_logprob`` so far.
     """
 
     request_id: str
@@ -68,6 +69,7 @@ class RequestOutput:
     error: str | None = None
     metrics: RequestMetrics | None = None
     index: int = 0
+    cumulative_logprob: float | None = None  # with SamplingParams.best_of > n: sum of chosen-token logprobs
 
 
 @dataclass

@@ -94,6 +94,8 @@ class SamplingParams:
     model's raw distribution (before temperature, penalties and truncation).
     ``n`` sibling completions share the prompt's KV blocks; sibling i > 0 samples with a key derived
     from the request's (``sampler.sibling_key``), so sibling 0 is the n = 1 completion.
+    ``best_of`` (>= n) runs that many siblings and their outputs carry ``cumulative_logprob`` (sum of the
+    chosen tokens' raw logprobs) so the caller can keep the n best (the service does).
     ``structured_output`` constrains every sampled token to keep the output a valid prefix of the
     schema / regex / grammar (``core.engine.structured``).
     """
@@ -116,6 +118,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     n: int = 1
     structured_output: StructuredOutput | None = None
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         # Accept the obvious spellings; anything else is left for validate() to name.
@@ -125,6 +128,15 @@ class SamplingParams:
             self.stop = tuple(self.stop)
         if isinstance(self.stop_token_ids, tuple):
             self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sibling sequences the engine runs: best_of when set, else n."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def wants_cumulative_logprob(self) -> bool:
+        return self.best_of is not None and self.best_of > self.n
 
     @property
     def greedy(self) -> bool:
@@ -185,6 +197,8 @@ class SamplingParams:
                 raise InvalidRequestError(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise InvalidRequestError("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_N):
+            raise InvalidRequestError("best_of", f"must be an integer in [n, {MAX_N}], got {self.best_of!r}")
         if self.structured_output is not None:
             if not isinstance(self.structured_output, StructuredOutput):
                 raise InvalidRequestError(

@@ -34,6 +34,7 @@ class Request:
         "block_hashes",
         "block_ids",
         "blocks",
+        "cumulative_logprob",
         "eos_token_ids",
         "error",
         "finish_reason",
@@ -98,6 +99,7 @@ class Request:
         # count it fixes every draw, so the tokens do not depend on the batch or on preemption.
         self.noise_key = noise_key
         self.new_logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.wants_cumulative_logprob else None
         # Prompt logprobs are the same for every sibling: only the first computes and reports them.
         self.prompt_logprobs: list[TokenLogprob] | None = (
             [] if params.prompt_logprobs is not None and index == 0 else None

@@ -216,7 +216,10 @@ class ModelRunner:
             for i, req, tok, lp in zip(sample_idx, sample_reqs, tokens, logprobs):
                 sampled[i] = tok
                 if lp is not None:
-                    req.new_logprobs.append(lp)
+                    if req.new_logprobs is not None:
+                        req.new_logprobs.append(lp)
+                    if req.cumulative_logprob is not None:
+                        req.cumulative_logprob += lp.logprob
         return sampled
 
     def _block_table(self, requests: list[Request], width: int, dtype) -> torch.Tensor:

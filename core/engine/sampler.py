@@ -187,7 +187,8 @@ class Sampler:
         params = [r.params for r in requests]
         n, vocab = logits.shape
 
-        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        # Rows that asked for logprobs, and best_of rows (their chosen token's logprob sums up).
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None or p.wants_cumulative_logprob]
         raw = logits[lp_rows] if lp_rows else None  # keep the raw rows before in-place edits
 
         pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
@@ -215,9 +216,9 @@ class Sampler:
         token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * n
         if lp_rows:
-            k = max(params[i].logprobs for i in lp_rows)
+            k = max(params[i].logprobs or 0 for i in lp_rows)
             for i, tl in zip(lp_rows, token_logprobs(raw, tokens[lp_rows], k)):
-                tl.top = tl.top[: params[i].logprobs]
+                tl.top = tl.top[: params[i].logprobs or 0]
                 logprobs[i] = tl
         return token_list, logprobs
 

@@ -70,15 +70,23 @@ class _Choice:
         return choice
 
 
+def _cumulative(choice: _Choice) -> float:
+    out = choice.last
+    value = out.cumulative_logprob if out is not None else None
+    return float("-inf") if value is None else value
+
+
 class Completion:
     """The output of one request (its ``n`` sibling sequences) so far."""
 
-    def __init__(self, tokenizer, request_id: str, prompt_ids: list[int], parse_tools: bool = True, n: int = 1):
+    def __init__(self, tokenizer, request_id: str, prompt_ids: list[int], parse_tools: bool = True, n: int = 1,
+                 keep: int | None = None):
         self.tok = tokenizer
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.parse_tools = parse_tools
         self.n = n  # validated by the engine before the first delta; choices are made as they come
+        self.keep = n if keep is None else keep  # best_of: the n (of best_of) with the highest cumulative logprob
         self.choices: dict[int, _Choice] = {}
         self.prompt_logprobs: list[common_pb2.TokenLogprob] = []
         self.metrics = None  # sibling 0's engine timings, once finished
@@ -123,7 +131,12 @@ class Completion:
         choices = [c.ending(self.tok, self.parse_tools, with_output) for c in mine]
         prompt_tokens = next((c.last.prompt_tokens for c in mine if c.last and c.last.prompt_tokens),
                              len(self.prompt_ids))
-        completion_tokens = sum(c.completion_tokens for c in choices)
+        completion_tokens = sum(c.completion_tokens for c in choices)  # best_of: every generated token
+        if self.keep < len(choices):
+            order = sorted(range(len(mine)), key=lambda i: -_cumulative(mine[i]))[: self.keep]
+            choices = [choices[i] for i in order]
+            for index, choice in enumerate(choices):
+                choice.index = index
         usage = common_pb2.Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

@@ -106,7 +106,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             if ours:
                 self.live.discard(request_id)
-            if num_finished < params.n and not rejected:  # the RPC ended (cancel, deadline) before the engine
+            if num_finished < params.num_sequences and not rejected:  # the RPC ended (cancel, deadline) first
                 reason = "deadline_exceeded" if _deadline_passed(context) else "cancelled"
                 log.info("request %s ended before it finished: %s", request_id, reason)
                 prompt_tokens = len(prompt.token_ids) if num_finished == 0 else 0
@@ -115,7 +115,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request, context):
         request_id, prompt, params = self._prepare(request)
-        completion = Completion(self.tokenizer, request_id, prompt.token_ids, n=params.n)
+        completion = Completion(self.tokenizer, request_id, prompt.token_ids, n=params.num_sequences, keep=params.n)
         async with contextlib.aclosing(self._outputs(request_id, prompt, params, context)) as outputs:
             async for out in outputs:
                 completion.add(out)
@@ -123,7 +123,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def GenerateStream(self, request, context):
         request_id, prompt, params = self._prepare(request)
-        completion = Completion(self.tokenizer, request_id, prompt.token_ids, n=params.n)
+        if params.best_of is not None and params.best_of > params.n:
+            raise ServiceError.invalid_argument(
+                "sampling.best_of", "best_of > n needs Generate: which completions are best is known only at the end"
+            )
+        completion = Completion(self.tokenizer, request_id, prompt.token_ids, n=params.num_sequences)
         async with contextlib.aclosing(self._outputs(request_id, prompt, params, context)) as outputs:
             async for out in outputs:
                 delta = completion.add(out)

@@ -154,7 +154,8 @@ class SamplingParams:
 
     `stop_token_ids=None` means the tokenizer's defaults; an empty list means none.
     `n` sibling completions come back as `GenerateResult.choices` (streams: deltas carry `index`);
-    `structured_output` constrains the output (a StructuredOutput or a dict like {"regex": ...}).
+    `structured_output` constrains the output (a StructuredOutput or a dict like {"regex": ...});
+    `best_of` (unary generate only) samples that many and returns the `n` most likely.
     """
 
     temperature: float | None = None
@@ -175,6 +176,7 @@ class SamplingParams:
     skip_special_tokens: bool | None = None
     n: int | None = None
     structured_output: StructuredOutput | Mapping[str, Any] | None = None
+    best_of: int | None = None
 
 
 @dataclass(frozen=True)
