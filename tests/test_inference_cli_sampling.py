@@ -17,8 +17,8 @@ def sampling_pb(*flags: str):
 
 def test_n_and_each_structured_output_kind(tmp_path):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    pb = sampling_pb("-n", "3", "--json-schema", json.dumps(schema))
-    assert pb.n == 3 and json.loads(pb.structured_output.json_schema) == schema
+    pb = sampling_pb("-n", "3", "--best-of", "5", "--json-schema", json.dumps(schema))
+    assert pb.n == 3 and pb.best_of == 5 and json.loads(pb.structured_output.json_schema) == schema
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(schema))
     assert json.loads(sampling_pb("--json-schema", f"@{path}").structured_output.json_schema) == schema

@@ -48,6 +48,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="keep special tokens in the output text",
     )
     g.add_argument("-n", "--n", type=int, dest="n", help="number of completions (choices) of the prompt")
+    g.add_argument("--best-of", type=int, help="sample this many and keep the n most likely (not streamed)")
     so = g.add_mutually_exclusive_group()
     so.add_argument("--json-schema", metavar="JSON|@FILE", help="constrain the output to this JSON schema")
     so.add_argument("--regex", metavar="RE", help="constrain the whole output to match this regular expression")
@@ -121,8 +122,8 @@ def run_generate(args: argparse.Namespace) -> int:
         inputs = {"messages": [*messages, {"role": "user", "content": prompt}], "tools": tools}
     sampling = sampling_from_args(args)
     with InferenceClient(**client_kwargs(args, "inference")) as client:
-        # n > 1 choices would interleave in a stream: print them whole, one after another.
-        if wants_json(args) or not args.stream or (sampling.n or 1) > 1:
+        # n > 1 choices would interleave in a stream (and best_of is known only at the end): print them whole.
+        if wants_json(args) or not args.stream or (sampling.n or 1) > 1 or sampling.best_of:
             result = client.generate(**inputs, sampling=sampling, request_id=args.request_id)
             if wants_json(args):
                 print_json(result)
