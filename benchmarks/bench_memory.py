@@ -307,7 +307,7 @@ def main() -> None:
                           "dpo": {"pairs_per_batch": 1, "max_length": args.seq}}[stage]
             planned = estimate_stage({"stage": stage, "config": {"zero_stage": 2, "precision": precision,
                                                                  **tokens_cfg}, "model": cfg}, 1)
-            r["planned_mib"] = (planned.total - planned.overhead) * 1024
+            r["planned_mib"] = (planned.total - planned.overhead) * 1024  # no CUDA context on the host
             report["step"][stage] = {**r, "precision": precision}
             print(f"{stage:<14}{precision:>10}{r['peak_host_mib']:>15,.0f}{r['planned_mib']:>13,.0f}"
                   f"{r.get('peak_device_mib', 0.0):>17,.0f}")
@@ -316,11 +316,11 @@ def main() -> None:
         rows = planner_rows(preset, 8, 80.0)
         report[f"plan_{preset}"] = rows
         print(f"\nplanner, {preset} on 8 x 80 GiB (GiB per GPU)")
-        print(f"{'stage':<28}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'kv':>7}{'frozen':>8}{'total':>8}"
-              "  fits")
+        print(f"{'stage':<28}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'kv':>7}{'frozen':>8}{'buffers':>8}"
+              f"{'total':>8}  fits")
         for s in rows:
             print(f"{s['name']:<28}{s['weights']:>9.1f}{s['grads']:>8.1f}{s['optimizer']:>8.1f}"
-                  f"{s['activations']:>8.1f}{s['kv']:>7.1f}{s['frozen']:>8.1f}{s['total']:>8.1f}"
+                  f"{s['activations']:>8.1f}{s['kv']:>7.1f}{s['frozen']:>8.1f}{s['buffers']:>8.1f}{s['total']:>8.1f}"
                   f"  {'yes' if s['fits'] else 'NO'}")
     print(f"\nlargest tensor {largest:,.0f} MiB; total {time.perf_counter() - t0:.0f} s")
     if args.json:

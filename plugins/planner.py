@@ -12,17 +12,24 @@ else ``num_gpus``.
 Per GPU, in GiB, for a model of P parameters (T trainable: P, or the LoRA adapters), bf16 training:
 
     weights      2P        (ZeRO-3: 2P/N + the gathered working set; offload_params: 0 on the GPU)
-    grads        2T        (ZeRO-2/3: 2T/N)
+    grads        2T        (ZeRO-2/3: 2T/N), plus the fp32 copy of this rank's gradient partition that the
+                           optimizer step reads, 4T (ZeRO-1+: /N) — measured by bench_memory, not in the
+                           usual 16-bytes-per-parameter count
     optimizer    12T       fp32 master + Adam m, v (ZeRO-1+: /N; offload_optimizer: 0 on the GPU)
     activations  per micro-batch of t tokens: with gradient checkpointing L x 2tH (each layer's input)
                  + one layer recomputed (34tH), without L x 34tH (Korthikanti et al. 2022, flash/SDPA
                  attention: no t^2 scores); plus the fused linear-CE's chunk and fp32 head grad (4VH)
     kv           generation's KV cache (PPO rollouts, eval): sequences x tokens x 2 L Hkv D x 2 bytes
     frozen       PPO's reference and reward model (bf16, whole on every GPU; 0 with frozen_offload)
+    buffers      20% of weights + grads + optimizer + activations: DeepSpeed's flat buffers and
+                 allocator fragmentation — the gap bench_memory measured between the terms above and the
+                 peak of a real step at 1.8B widths (measured / terms = 1.18 for the LM stages, 1.33 for
+                 the reward model)
     overhead     1.5 GiB: CUDA context, NCCL and allocator slack
 
-fp32 training (``precision: fp32``) doubles weights and grads. PPO trains two models (actor and
-critic, critic = the reward model's shape) and holds the two frozen ones; rollout KV comes on top.
+fp32 training (``precision: fp32``) doubles weights and grads (and needs no fp32 gradient copy). A reward
+model (and PPO's critic) has no output head: P - VH parameters, no fused-CE terms. PPO trains two models
+(actor and critic) and holds the two frozen ones; rollout KV comes on top.
 The numbers are estimates for admission control (benchmarks/bench_memory.py checks them against
 measurements at 1.8B shapes); ``Plan.fits`` keeps a 5% margin.
 """
@@ -37,6 +44,7 @@ from typing import Any
 
 GIB = 2**30
 OVERHEAD_GIB = 1.5
+BUFFERS_FRACTION = 0.2  # calibrated against bench_memory's measured steps (see the module docstring)
 MARGIN = 0.95  # a plan fits when its total is within 95% of the GPU's memory
 FUSED_CE_CHUNK_BYTES = 256 * 2**20
 TRAINING_STAGES = {"pretrain", "sft", "reward_model", "dpo", "long_context", "ppo"}
@@ -55,6 +63,7 @@ class StageMemory:
     activations: float = 0.0
     kv: float = 0.0
     frozen: float = 0.0
+    buffers: float = 0.0
     overhead: float = OVERHEAD_GIB
     host_offload: float = 0.0  # moved to host memory per rank (optimizer / parameter offload)
     notes: list[str] = field(default_factory=list)
@@ -62,7 +71,11 @@ class StageMemory:
     @property
     def total(self) -> float:
         return (self.weights + self.grads + self.optimizer + self.activations + self.kv + self.frozen
-                + self.overhead)
+                + self.buffers + self.overhead)
+
+    def add_buffers(self) -> StageMemory:
+        self.buffers = BUFFERS_FRACTION * (self.weights + self.grads + self.optimizer + self.activations)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total": self.total}
@@ -87,7 +100,7 @@ class Plan:
 
     def table(self) -> str:
         """A plain-text table (the CLI prints it)."""
-        cols = ("weights", "grads", "optimizer", "activations", "kv", "frozen", "total")
+        cols = ("weights", "grads", "optimizer", "activations", "kv", "frozen", "buffers", "total")
         lines = [f"{'stage':<22}{'gpus':>5}" + "".join(f"{c:>12}" for c in cols) + "  fits"]
         for s in self.stages:
             values = [getattr(s, c) if c != "total" else s.total for c in cols]
@@ -157,12 +170,13 @@ def _tokens_per_micro_batch(stage: str, cfg: Mapping[str, Any]) -> int:
 
 
 def _trained(s: StageMemory, shapes: Shapes, cfg: Mapping[str, Any], n: int, tokens: int,
-             with_activations: bool = True) -> None:
-    """Adds one trained model's weights, grads, optimizer state (and activations) to ``s``."""
+             with_activations: bool = True, lm_head: bool = True) -> None:
+    """Adds one trained model's weights, grads, optimizer state (and activations) to ``s``; ``lm_head``
+    False for a reward model / critic (v_head instead of the [V, H] output layer)."""
     zero = int(cfg.get("zero_stage", 2))
     fp32 = cfg.get("precision") == "fp32"
     wbytes = 4 if fp32 else 2
-    p = shapes.params
+    p = shapes.params if lm_head else shapes.params - shapes.vocab * shapes.hidden + shapes.hidden
     rank = int(cfg.get("lora_rank", 0) or 0)
     targets = cfg.get("lora_target_modules", ["wqkv", "wo", "w1", "w2", "w3"])
     t = _lora_params(shapes, rank, targets) if rank else p
@@ -173,6 +187,8 @@ def _trained(s: StageMemory, shapes: Shapes, cfg: Mapping[str, Any], n: int, tok
             s.host_offload += wbytes * p / n / GIB
             weights = 2 * wbytes * shapes.largest_layer
     grads = wbytes * t / (n if zero >= 2 else 1)
+    if not fp32:
+        grads += 4 * t / (n if zero >= 1 else 1)  # fp32 gradient partition of the optimizer step
     optimizer = 12 * t / (n if zero >= 1 else 1)
     if cfg.get("offload_optimizer"):
         s.host_offload += optimizer / GIB
@@ -182,7 +198,8 @@ def _trained(s: StageMemory, shapes: Shapes, cfg: Mapping[str, Any], n: int, tok
         act = shapes.layers * 2 * tokens * h + 34 * tokens * h
     else:
         act = shapes.layers * 34 * tokens * h
-    act += FUSED_CE_CHUNK_BYTES + 4 * shapes.vocab * h  # fused CE chunk + fp32 head-gradient accumulator
+    if lm_head:
+        act += FUSED_CE_CHUNK_BYTES + 4 * shapes.vocab * h  # fused CE chunk + fp32 head-gradient accumulator
     s.weights += weights / GIB
     s.grads += grads / GIB
     s.optimizer += optimizer / GIB
@@ -213,11 +230,11 @@ def estimate_stage(spec: Mapping[str, Any], num_gpus: int, model: Any = None) ->
         s.weights = 2 * shapes.params / GIB
         seqs = min(64, int(cfg.get("batch_size", 8)) * 8)
         s.kv = seqs * int(cfg.get("max_length", 4096)) * shapes.kv_bytes_per_token / GIB
-        return s
+        return s.add_buffers()
     if stage == "ppo":
         _trained(s, shapes, cfg, n, tokens)  # actor
         # critic (the reward model's shape); it steps after the actor, so their activations never coexist
-        _trained(s, shapes, {**cfg, "lora_rank": 0}, n, tokens, with_activations=False)
+        _trained(s, shapes, {**cfg, "lora_rank": 0}, n, tokens, with_activations=False, lm_head=False)
         frozen = 0.0 if cfg.get("frozen_offload") else 2 * 2 * shapes.params / GIB
         s.frozen = frozen
         seqs = int(cfg.get("rollout_batch_size", 16)) * int(cfg.get("samples_per_prompt", 1))
@@ -227,11 +244,11 @@ def estimate_stage(spec: Mapping[str, Any], num_gpus: int, model: Any = None) ->
             # rollouts gather the actor whole for generation (hybrid engine), then free it
             s.kv += 2 * shapes.params / GIB
             s.notes.append("ZeRO-3 actor gathered for rollouts: +1 bf16 copy during generation")
-        return s
-    _trained(s, shapes, cfg, n, tokens)
+        return s.add_buffers()
+    _trained(s, shapes, cfg, n, tokens, lm_head=stage != "reward_model")
     if stage == "dpo":
         s.notes.append("reference log-probs precomputed before training (reference freed)")
-    return s
+    return s.add_buffers()
 
 
 def plan_pipeline(stages: list[dict], num_gpus: int, gpu_memory_gib: float, model: Any = None) -> Plan:
