@@ -19,6 +19,12 @@ from internlm2.services.inference import InferenceService
 from internlm2.services.reward import RewardService
 from internlm2.services.tokenizer import TokenizerService
 
+# Debian's chromium, driven by playwright (which never downloads a browser of its own here), and the flags that
+# keep it headless and off the network.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
 # Small enough for two loaded CPU cores, large enough for n=3 x a few concurrent requests.
 TEST_ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=1024, num_gpu_blocks=256, max_model_len=512)
 

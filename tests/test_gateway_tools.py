@@ -7,10 +7,13 @@ the model's final answer: the agent loop an OpenAI user writes, end to end."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import openai
 import pytest
-from gateway_fixtures import BackgroundGateway, gateway_config
+from gateway_fixtures import CHROMIUM, CHROMIUM_ARGS, BackgroundGateway, gateway_config
 from services_fixtures import BackgroundApp
 from test_services_tool_calls import ANSWER, QUESTION, RESULT, TOOL, trained  # noqa: F401 - trained is a fixture
 
@@ -96,3 +99,32 @@ def test_tool_choice_none_offers_no_tools(client, gateway):
     hidden = client.chat.completions.create(model="tool-model", messages=QUESTION, tools=[OPENAI_TOOL],
                                             tool_choice="none", temperature=0, max_tokens=1)
     assert hidden.usage.prompt_tokens < offered.usage.prompt_tokens
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (scripts/install.sh)")
+def test_the_playground_shows_the_tool_call(gateway, tmp_path):
+    """The playground's default tool is this model's tool and its default system prompt this conversation's:
+    offered the tool at temperature 0, the page shows the model's call as a tool-call block."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 860})
+            page.goto(gateway.url + "/")
+            page.wait_for_selector("#model option[value='tool-model']", state="attached")
+            page.check("#use-tools")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "64")
+            page.fill("#prompt", QUESTION[1]["content"])
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant.done", timeout=120_000)
+            assert page.text_content(".msg.assistant .content") == "I will check."
+            call = page.text_content(".msg.assistant .tool-call")
+            assert "get_weather(" in call and json.loads(call[call.index("(") + 1 : -1]) == {"city": "Paris"}
+            assert "finish: tool_calls" in page.text_content(".msg.assistant .meta")
+            page.screenshot(path=str(tmp_path / "playground-tools.png"))
+            target = os.environ.get("INTERNLM2_SCREENSHOT_DIR")
+            if target:
+                shutil.copyfile(tmp_path / "playground-tools.png", Path(target) / "playground-tools.png")
+        finally:
+            browser.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from gateway_fixtures import BackgroundGateway, gateway_config, start_model_services
+from gateway_fixtures import CHROMIUM, CHROMIUM_ARGS, BackgroundGateway, gateway_config, start_model_services
 from services_fixtures import BackgroundApp, tiny_checkpoints
 
 from internlm2.services.common import GrpcApp, ServerConfig
@@ -28,9 +28,6 @@ from internlm2.services.local_stack import EmbeddedRedis
 from internlm2.services.training import TrainingService
 from internlm2_client import TrainingClient
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "playground-token"
 LOSSES = [2.75, 2.25, 1.875]
 MORE_LOSSES = [1.5, 1.25]
