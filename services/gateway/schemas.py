@@ -46,6 +46,8 @@ class ContentPart(Strict):
 class ChatMessageIn(BaseModel):
     # Assistant messages a client copies back from a response carry its read-only fields too
     # (refusal, annotations, audio); they are accepted and not rendered, anything else is refused.
+    # ``tool_call_id`` is accepted and not rendered: InternLM2's environment turn carries no call id,
+    # results answer the calls in order.
     model_config = ConfigDict(extra="forbid")
 
     role: str
@@ -93,7 +95,6 @@ class ResponseFormat(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
 
 
 class SamplingFields(Strict):
@@ -148,9 +149,7 @@ class ChatCompletionRequest(SamplingFields):
     audio: Any = None
     prediction: Any = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    reasoning_effort: str | None = None
+    # vLLM's extra: leave out the assistant header (continue a prefilled assistant turn instead).
     add_generation_prompt: bool | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
