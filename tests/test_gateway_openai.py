@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import httpx
 import jsonschema
@@ -239,3 +240,24 @@ def test_a_client_that_goes_away_frees_its_engine_work(gateway, models):
         assert next(line for line in lines if line.startswith("data: "))
         assert engine.stats().num_running == 1
     assert wait_for(idle, 30), engine.stats()
+
+
+def test_a_client_that_gives_up_on_a_unary_answer_frees_its_engine_work(gateway, models):
+    """A non-streamed request whose client hangs up mid-generation is aborted in the engine (fewer tokens
+    generated than asked for, every block back) instead of generating an answer nobody reads."""
+    engine = models.app.services[1].servicer.engine
+
+    def idle() -> bool:
+        s = engine.stats()
+        return s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks
+
+    assert wait_for(idle, 30), engine.stats()
+    generated_before = engine.stats().num_generated_tokens
+    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "temperature": 0})
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        assert wait_for(lambda: engine.stats().num_running == 1, 30)
+    assert wait_for(idle, 30), engine.stats()
+    assert engine.stats().num_generated_tokens - generated_before < 400

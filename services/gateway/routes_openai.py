@@ -71,7 +71,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.stream_options is not None:
             raise ApiError.bad_param("stream_options", "only allowed with stream: true")
         proto = chat_request(body, inference_pb2.GenerateRequest)
-        response = await gateway.backends.call("inference", "Generate", proto, request_id, param_of=param_of)
+        response = await until_disconnected(
+            request, gateway.backends.call("inference", "Generate", proto, request_id, param_of=param_of)
+        )
         return chat_completion(response, model, completion_id, tools_offered, bool(body.logprobs))
 
     proto = chat_request(body, inference_pb2.GenerateStreamRequest)
@@ -114,7 +116,7 @@ async def completions(body: CompletionRequest, request: Request):
             raise ApiError.bad_param("stream_options", "only allowed with stream: true")
         protos = completion_requests(body, inference_pb2.GenerateRequest)
         calls = [gateway.backends.call("inference", "Generate", p, request_id, param_of=param_of) for p in protos]
-        responses = await _gather(calls)
+        responses = await until_disconnected(request, _gather(calls))
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         cached = 0
         for p, response in enumerate(responses):
@@ -164,3 +166,25 @@ async def _gather(coros):
         for task in tasks:
             task.cancel()
         raise
+
+
+async def until_disconnected(request: Request, work):
+    """``work``'s result, unless the client hangs up first: then ``work`` is cancelled (its gRPC calls, so
+    the engine aborts the request and frees its blocks) instead of generating an answer nobody reads.
+    The body has been read, so the next ASGI message is the disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def hung_up():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    listener = asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ApiError(499, "the client closed the connection", code="client_closed_request")
+    return task.result()
