@@ -4,6 +4,8 @@ SIGKILL and restarted, cleanly restarted, and down for longer than the lease; wo
 stalled node). A tiny checkpointing stage runs through each fault while a sampler counts, from the
 process table, how many copies of each stage run at once.
 
+A training process killed with SIGKILL fails its stage with the cause; RetryJob resumes it.
+
 Invariants: no job lost, no stage ever running twice at once, every job SUCCEEDED, a short outage
 restarts nothing, a lost run resumes from its last committed checkpoint, no zombie under a worker,
 and a job that SUCCEEDED before a crash of Redis neither disappears nor runs again. The figures are
@@ -41,7 +43,16 @@ class CopySampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def alive(self) -> collections.Counter[str]:
-        now: collections.Counter[str] = collections.Counter()
+        return collections.Counter(stage for stage, _ in self.runs())
+
+    def pid_of(self, stage: str) -> int:
+        pids = [pid for s, pid in self.runs() if s == stage]
+        assert len(pids) == 1, pids
+        return pids[0]
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(stage folder, pid) of every live run."""
+        now = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -51,7 +62,7 @@ class CopySampler:
             except OSError:
                 continue
             if self.root in cmd and RUN_MARKER in cmd and state != "Z":
-                now[cmd.split(RUN_MARKER)[0].split()[-1].rstrip("/")] += 1  # the stage's folder
+                now.append((cmd.split(RUN_MARKER)[0].split()[-1].rstrip("/"), int(entry.name)))  # stage folder
         return now
 
     def _loop(self) -> None:
@@ -203,11 +214,23 @@ def test_jobs_survive_redis_worker_and_supervisor_faults(tmp_path, capsys):
             assert finished(long) is JobState.SUCCEEDED and runs(long) == ["0", "1"]
             assert stopped_after < LEASE_TTL_S
 
+            # 7. The training process itself is killed (SIGKILL, as the OOM killer would): the stage
+            #    FAILS with the cause (a crash is not retried blindly); RetryJob resumes it from its
+            #    last checkpoint.
+            crashed = submit()
+            at_step(crashed, 9)
+            os.kill(sampler.pid_of(str(work / crashed / "00-ticker")), signal.SIGKILL)
+            faults["training_process_sigkill"] += 1
+            assert finished(crashed) is JobState.FAILED
+            assert "training process exited with -9" in store.get(crashed).stages[0].error
+            assert store.retry(crashed).state is JobState.QUEUED
+            assert finished(crashed) is JobState.SUCCEEDED and runs(crashed) == ["0", "1"]
+
         lost_jobs = [j for j in jobs if not store.get(j).state.terminal]
         twice = sorted(s for s, n in sampler.most.items() if n > 1)
         succeeded = sum(store.get(j).state is JobState.SUCCEEDED for j in jobs)
         zombies = {w.name: zombies_under(w.proc.pid) for w in workers if w.proc.poll() is None}
-        resumed = [j for j in (lost, frozen, long)
+        resumed = [j for j in (lost, frozen, long, crashed)
                    if any(e.kind == "log" and e.data["message"].startswith("resumed from checkpoint step")
                           for e in store.events(j))]
         summary = {"jobs": len(jobs), "faults": dict(faults), "jobs_lost": len(lost_jobs),
@@ -220,8 +243,8 @@ def test_jobs_survive_redis_worker_and_supervisor_faults(tmp_path, capsys):
         assert sampler.samples > 100
         # The sampler saw every job's run (so "never twice" is not vacuous).
         assert {str(work / j / "00-ticker") for j in jobs} <= {s for s, n in sampler.most.items() if n >= 1}
-        assert lost_jobs == [] and twice == [] and succeeded == len(jobs) == 6
-        assert len(resumed) == 3
+        assert lost_jobs == [] and twice == [] and succeeded == len(jobs) == 7
+        assert len(resumed) == 4
         assert all(z == [] for z in zombies.values()), zombies
     finally:
         for w in workers:
