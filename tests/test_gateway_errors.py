@@ -5,6 +5,7 @@ loopback. Also bearer auth, request ids reaching the engine, metrics, readiness 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 
 import httpx
@@ -261,3 +262,22 @@ def test_drain_keeps_serving_in_flight_streams_and_reports_not_ready(models):
             stopper.join(60)
         else:
             gateway.stop()
+
+
+def test_unreachable_backend_is_503_and_not_ready():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    gateway = BackgroundGateway(gateway_config({"inference": dead, "tokenizer": dead})).start()
+    try:
+        ready = httpx.get(gateway.url + "/ready", timeout=30)
+        assert ready.status_code == 503
+        assert ready.json() == {"status": "not ready", "backends": {"inference": "UNREACHABLE",
+                                                                    "tokenizer": "UNREACHABLE"}}
+        response = httpx.post(gateway.url + "/v1/chat/completions", json=_chat(), timeout=30)
+        assert _error(response, 503)["type"] == "service_unavailable_error"
+        assert int(response.headers["retry-after"]) >= 1
+        assert _error(httpx.post(gateway.url + "/tokenize", json={"prompt": "x"}, timeout=30), 503)
+        assert httpx.get(gateway.url + "/health").status_code == 200  # alive, just not ready
+    finally:
+        gateway.stop()
