@@ -123,3 +123,25 @@ def test_reward_model_with_lora_under_zero3_exports_merged(world, tmp_path):
     assert torch.count_nonzero(rm.v_head.weight) > 0
     assert not torch.equal(rm.model.layers[0].feed_forward.w1.weight, base.model.layers[0].feed_forward.w1.weight)
     assert torch.equal(rm.model.tok_embeddings.weight, base.model.tok_embeddings.weight)  # frozen, not adapted
+
+
+def test_eval_under_zero3_matches_the_whole_model(world, tmp_path):
+    """Perplexity, generation and needles of a partitioned model equal rank 0's whole-model evaluation."""
+    data = synth.write_jsonl(tmp_path / "ppl.jsonl", [{"text": "the grass is green and the sky is blue"}] * 3)
+    gen = synth.write_jsonl(tmp_path / "gen.jsonl", [{"prompt": p["prompt"], "reference": "apple banana"}
+                                                     for p in synth.preference_pairs(3, seed=7)])
+    config = {"perplexity_data": str(data), "generation_data": str(gen), "max_new_tokens": 6,
+              "needle_lengths": [128], "needle_depths": [0.0, 1.0], "needles_per_cell": 1}
+    stage = get_stage("eval")
+    inputs = StageInputs(checkpoints={"base": world["base"]})
+    whole = stage.run(local_context(stage, config, tmp_path / "whole", inputs=inputs))
+    ctx = local_context(stage, {**config, "zero_stage": 3, "zero3_param_persistence_threshold": 0},
+                        tmp_path / "zero3", inputs=inputs)
+    parted = stage.run(ctx)
+    assert_all_partitioned(ctx)
+    assert parted["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-4)
+    assert parted["needle_retrieval"] == whole["needle_retrieval"]
+    report = json.loads((tmp_path / "zero3" / "eval_report.json").read_text())
+    want = json.loads((tmp_path / "whole" / "eval_report.json").read_text())
+    assert [e["prediction"] for e in report["generation"]["examples"]] == \
+        [e["prediction"] for e in want["generation"]["examples"]]

@@ -9,7 +9,11 @@ and plots.
     needle_lengths    the needle-in-a-haystack grid (lengths x depths), as long_context draws it
 
 Writes ``eval_report.json`` (EVAL_REPORT artifact "report"), ``metrics.png`` and ``needle_heatmap.png``.
-No training: only rank 0 evaluates.
+No training. ``zero_stage: 0`` (default): rank 0 holds the whole model and evaluates alone. ``zero_stage: 3``:
+the checkpoint is loaded straight into ZeRO-3 partitions over all launched ranks (each holds 1/N) and
+every rank runs perplexity, generation and the needle sweep inside a forward-only DeepSpeed engine's
+forward, which gathers each module as it runs (and frees it after): a model larger than one device
+evaluates, at the price of gathering every layer on every decoding step.
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ from ..algorithms.datasets import prompt_messages, read_jsonl
 from ..algorithms.needle import DEFAULT_FILLER, evaluate_grid, plot_heatmap
 from ..contract import ArtifactKind, Stage, StageConfig, StageContext
 from ..data.tokenize import IGNORE, tokenize_chat, tokenize_text
-from ..trainer import load_tokenizer
+from ..trainer import (
+    TrainingConfig,
+    engine_forward,
+    inference_engine,
+    is_partitioned,
+    load_causal_lm,
+    load_tokenizer,
+)
 
 
 class EvalConfig(StageConfig):
@@ -51,6 +62,10 @@ class EvalConfig(StageConfig):
                                        description="Needle depths (fractions of the context).")
     needles_per_cell: int = Field(2, ge=1, description="Needles scored per grid cell.")
     report_examples: int = Field(20, ge=0, description="Generated examples copied into the report.")
+    zero_stage: Literal[0, 3] = Field(0, description="0: rank 0 evaluates the whole model; 3: the model is "
+                                      "partitioned over the launched ranks (ZeRO-3 inference), every rank joins.")
+    zero3_param_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3: parameters with fewer "
+                                                   "elements stay whole on every rank (0 partitions all).")
 
 
 def perplexity_section(model, tokenizer, path: Path, cfg: EvalConfig) -> dict:
@@ -127,14 +142,36 @@ def plot_metrics(scores: dict[str, float], path: Path) -> Path:
     return path
 
 
+def _zero3_model(model_dir: Path, cfg: EvalConfig):
+    """(partitioned model, call(fn) running fn(model) inside the inference engine's forward)."""
+    train_cfg = TrainingConfig(zero_stage=3, max_steps=1, checkpoint_every=0,
+                               zero3_param_persistence_threshold=cfg.zero3_param_persistence_threshold)
+    model = load_causal_lm(model_dir, train_cfg).eval()
+    engine = inference_engine(model, train_cfg)
+
+    def call(fn):
+        return engine_forward(engine, lambda m, _batch: fn(m))
+
+    return model, call
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     """Evaluate a checkpoint; write eval_report.json and the plots."""
     cfg: EvalConfig = ctx.config
-    if not ctx.is_main:
+    if cfg.zero_stage == 0 and not ctx.is_main:
         return {}
     model_dir = ctx.resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
-    model = InternLM2ForCausalLM.from_pretrained(model_dir, device=ctx.device).eval()
+    if cfg.zero_stage == 3:
+        model, call = _zero3_model(model_dir, cfg)
+        params = list(model.parameters())
+        ctx.log(f"ZeRO-3: {sum(map(is_partitioned, params))} of {len(params)} parameters partitioned over "
+                f"{ctx.world_size} rank(s)")
+    else:
+        model = InternLM2ForCausalLM.from_pretrained(model_dir, device=ctx.device).eval()
+
+        def call(fn):
+            return fn(model)
     report: dict = {"model": str(model_dir)}
     summary: dict[str, float] = {}
     total = sum(bool(x) for x in (cfg.perplexity_data, cfg.generation_data, cfg.needle_lengths))
@@ -142,36 +179,40 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     with torch.no_grad():
         if cfg.perplexity_data:
-            report["perplexity"] = perplexity_section(model, tokenizer, ctx.resolve(cfg.perplexity_data, "dataset"),
-                                                      cfg)
+            path = ctx.resolve(cfg.perplexity_data, "dataset")
+            report["perplexity"] = call(lambda m: perplexity_section(m, tokenizer, path, cfg))
             summary["perplexity"] = report["perplexity"]["perplexity"]
             done += 1
             ctx.report_progress(done, total, "perplexity", perplexity=summary["perplexity"])
         ctx.raise_if_cancelled()
         if cfg.generation_data:
-            gen = generation_section(model, tokenizer, ctx.resolve(cfg.generation_data, "dataset"), cfg)
+            path = ctx.resolve(cfg.generation_data, "dataset")
+            # under ZeRO-3 inside the engine's forward: modules gathered as the paged engine runs them
+            gen = call(lambda m: generation_section(m, tokenizer, path, cfg))
             report["generation"] = gen
             scores = {k: gen[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "accuracy") if k in gen}
             summary.update(scores)
             done += 1
             ctx.report_progress(done, total, "generation", **scores)
-            if scores:
+            if scores and ctx.is_main:
                 plotted = {k: v / 100 if k == "bleu" else v for k, v in scores.items()}
                 ctx.add_artifact("metrics_plot", plot_metrics(plotted, ctx.output_dir / "metrics.png"))
         ctx.raise_if_cancelled()
         lengths = [n for n in cfg.needle_lengths if n <= model.config.max_position_embeddings]
         if lengths:
-            grid = evaluate_grid(model, lambda t: tokenizer.encode(t, add_bos=False, allow_special=False), lengths,
-                                 cfg.needle_depths, tokenizer.bos_id, cfg.needles_per_cell, 0, DEFAULT_FILLER,
-                                 lambda i, n: ctx.raise_if_cancelled())
+            grid = call(lambda m: evaluate_grid(
+                m, lambda t: tokenizer.encode(t, add_bos=False, allow_special=False), lengths, cfg.needle_depths,
+                tokenizer.bos_id, cfg.needles_per_cell, 0, DEFAULT_FILLER, lambda i, n: ctx.raise_if_cancelled()))
             report["needle"] = grid.to_dict()
             summary["needle_retrieval"] = grid.mean_retrieval
-            png = plot_heatmap(grid, ctx.output_dir / "needle_heatmap.png")
-            ctx.add_artifact("needle_heatmap", png)
+            if ctx.is_main:
+                ctx.add_artifact("needle_heatmap", plot_heatmap(grid, ctx.output_dir / "needle_heatmap.png"))
             done += 1
             ctx.report_progress(done, total, "needle", needle_retrieval=grid.mean_retrieval)
 
     report["summary"] = summary
+    if not ctx.is_main:
+        return summary
     path = ctx.output_dir / "eval_report.json"
     path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     ctx.add_artifact("report", path, ArtifactKind.EVAL_REPORT)

@@ -196,6 +196,22 @@ def build_engine(model: nn.Module, loss_fn: LossFn, cfg: TrainingConfig,
     return engine
 
 
+def inference_engine(model: nn.Module, cfg: TrainingConfig):
+    """A forward-only DeepSpeed engine over ``model`` (no optimizer): under ZeRO-3 each rank keeps its
+    partition and :func:`engine_forward` gathers module by module (ZeRO-Inference). For evaluating a
+    model too large for one device."""
+    deepspeed = _deepspeed()
+    init_distributed()
+    model.requires_grad_(False)
+    module = LossModule(model, lambda m, b: None)
+    if cfg.zero_stage == 3 and hasattr(model, "output"):
+        deepspeed.zero.register_external_parameter(module, model.output.weight)
+    config = {k: v for k, v in deepspeed_config(cfg).items() if k not in ("optimizer", "gradient_clipping")}
+    engine, _, _, _ = deepspeed.initialize(model=module, config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None
+    return engine
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
