@@ -239,6 +239,29 @@ def plain_server(tokenizer_dir):
     server.stop()
 
 
+def test_large_requests_are_parsed_off_the_loop_and_checked_the_same(tokenizer_dir):
+    """Requests of 1 MiB or more are parsed in a worker thread: they work, and bad bytes in them get
+    the same INVALID_ARGUMENT naming the field as small ones."""
+    from internlm2.services.common.decoding import PARSE_OFF_LOOP_BYTES
+    from internlm2.v1 import tokenizer_pb2
+
+    server = BackgroundApp(GrpcApp(_config(), [TokenizerService(tokenizer_dir)])).start()
+    big = "hello " * (PARSE_OFF_LOOP_BYTES // 6 + 1)
+    try:
+        with TokenizerClient(server.address, retry=None) as client:
+            assert len(client.tokenize([big, "hi"])) == 2
+        data = tokenizer_pb2.TokenizeRequest(texts=[big, "\x01MARK"]).SerializeToString()
+        data = data.replace(b"\x01MARK", b"\xff\xfeARK")
+        assert len(data) > PARSE_OFF_LOOP_BYTES
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as info:
+            rpc = channel.unary_unary("/internlm2.v1.TokenizerService/Tokenize", lambda b: b, lambda b: b)
+            rpc(data, timeout=30)
+        error = errors.from_rpc_error(info.value)
+        assert isinstance(error, InvalidArgumentError) and error.field == "texts[1]", str(error)
+    finally:
+        server.stop()
+
+
 def test_oversized_message_is_resource_exhausted_and_nothing_is_lost(plain_server):
     with TokenizerClient(plain_server.address, retry=None) as client:
         with pytest.raises(ResourceExhaustedError):

@@ -136,6 +136,7 @@ class GatedScorer:
         return self._scorer.encode(messages, condition)
 
 
+@pytest.mark.timeout(180)
 def test_health_answers_while_a_large_score_request_is_being_encoded(checkpoint, scorer):
     """Tokenizing runs off the event loop: health checks (and other calls' I/O) are answered while a
     large Score request is still in its encoding phase. The request is held there by a gate, so
@@ -144,21 +145,31 @@ def test_health_answers_while_a_large_score_request_is_being_encoded(checkpoint,
     gated = GatedScorer(scorer)
     app = GrpcApp(ServerConfig("reward", host="127.0.0.1", port=0), [RewardService(checkpoint, scorer=gated)])
     server = BackgroundApp(app).start()
-    conversations = [[*PROMPT, {"role": "assistant", "content": f"answer {i} " * 50}] for i in range(1000)]
-    result: list = []
+    # Over 1 MiB: the request itself is parsed in a worker thread too (services/common/decoding.py). The
+    # last conversation is longer than the context, so the request ends after encoding, unscored.
+    conversations = [[*PROMPT, {"role": "assistant", "content": f"answer {i} " * 150}] for i in range(1000)]
+    conversations.append([{"role": "user", "content": "word " * 3000}])
+    outcome: list = []
+
+    def score():
+        try:
+            client.score(conversations)
+        except InvalidArgumentError as exc:
+            outcome.append(exc)
+
     try:
         with RewardClient(server.address, timeout=120) as client, grpc.insecure_channel(server.address) as channel:
-            scoring = threading.Thread(target=lambda: result.append(client.score(conversations)), daemon=True)
+            scoring = threading.Thread(target=score, daemon=True)
             scoring.start()
             assert gated.entered.wait(60), "the Score request never reached encoding"
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "internlm2.v1.RewardService"):
                 status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
                 assert status == health_pb2.HealthCheckResponse.SERVING
-            assert scoring.is_alive() and not result  # answered while the request was still being encoded
+            assert scoring.is_alive() and not outcome  # answered while the request was still being encoded
             gated.gate.set()
             scoring.join(120)
-        assert len(result) == 1 and len(result[0]) == len(conversations)
+        assert len(outcome) == 1 and outcome[0].field == "conversations[1000]", outcome
     finally:
         gated.gate.set()
         server.stop()

@@ -9,7 +9,8 @@ coroutine or async-generator servicers alike). Order on the server, outermost fi
     AuthInterceptor        ``authorization: Bearer <token>`` (health exempt) -> UNAUTHENTICATED
     ReadinessInterceptor   UNAVAILABLE while the model loads and while draining (health exempt)
     DecodeInterceptor      a request protobuf cannot parse -> INVALID_ARGUMENT naming the bad field
-                           (after auth: an unauthenticated caller learns nothing about its input)
+                           (after auth: an unauthenticated caller learns nothing about its input);
+                           large requests parsed in a worker thread
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import grpc
 
 from . import context as request_context
-from .decoding import UndecodableRequest, tolerant_deserializer
+from .decoding import PendingRequest, UndecodableRequest, tolerant_deserializer
 from .errors import ServiceError
 
 log = logging.getLogger("internlm2.services.rpc")
@@ -36,19 +37,23 @@ REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.refl
 
 def _wrap(behavior: Callable, around: Callable, response_streaming: bool) -> Callable:
     """``behavior`` run inside ``around(request, context)``, keeping its kind (grpc.aio dispatches on
-    whether a streaming behaviour is an async-generator function or a coroutine function)."""
+    whether a streaming behaviour is an async-generator function or a coroutine function). An
+    ``around`` that yields a value hands the behaviour that request instead (DecodeInterceptor)."""
     if response_streaming and inspect.isasyncgenfunction(behavior):
 
         async def stream_wrapper(request, context):
-            # aclosing: a cancelled call must run the servicer's cleanup (engine abort) now, not at GC.
-            async with around(request, context), contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
+            async with around(request, context) as replaced:
+                request = request if replaced is None else replaced
+                # aclosing: a cancelled call must run the servicer's cleanup (engine abort) now, not at GC.
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
 
         return stream_wrapper
 
     async def wrapper(request, context):
-        async with around(request, context):
+        async with around(request, context) as replaced:
+            request = request if replaced is None else replaced
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
@@ -244,18 +249,20 @@ class ReadinessInterceptor(CallInterceptor):
 class DecodeInterceptor(grpc.aio.ServerInterceptor):
     """Requests protobuf cannot parse (bad UTF-8 in a string, truncated or corrupt bytes) are refused
     with INVALID_ARGUMENT naming the field, instead of the UNKNOWN gRPC answers when a deserializer
-    raises. Innermost, so auth and readiness are answered first; streamed requests (none in this
-    API) keep gRPC's own handling."""
+    raises; large requests are parsed in a worker thread, not on the event loop. Innermost, so auth
+    and readiness are answered first; streamed requests (none in this API) keep gRPC's handling."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
-        return wrap_handler(handler, _refuse_undecodable, tolerant_deserializer(handler.request_deserializer))
+        return wrap_handler(handler, _decoded, tolerant_deserializer(handler.request_deserializer))
 
 
 @contextlib.asynccontextmanager
-async def _refuse_undecodable(request, context):
+async def _decoded(request, context):
+    if isinstance(request, PendingRequest):
+        request = await asyncio.to_thread(request.parse)
     if isinstance(request, UndecodableRequest):
         raise request.error()
-    yield
+    yield request
