@@ -60,3 +60,16 @@ def test_model_shapes_come_from_the_stage_checkpoint(tmp_path):
     assert tiny.weights == pytest.approx(2 * model_shapes(str(ckpt)).params / GIB)
     assert plan.stages[1].total == 0 and "no model memory" in plan.stages[1].notes[0]
     assert "fits" in plan.table()
+
+
+def test_training_config_errors_name_the_field():
+    from internlm2.plugins.contract import StageConfigError
+    from internlm2.plugins.registry import get_stage
+
+    sft_stage = get_stage("sft")
+    for bad, fld in (({"lora_rank": -1}, "config.lora_rank"),
+                     ({"lora_target_modules": []}, "config.lora_target_modules"),
+                     ({"zero3_param_persistence_threshold": -5}, "config.zero3_param_persistence_threshold")):
+        with pytest.raises(StageConfigError) as err:
+            sft_stage.parse_config({"data": "x.jsonl", **bad})
+        assert err.value.field == fld

@@ -59,6 +59,13 @@ class TrainingConfig(StageConfig):
             raise ValueError("offload_params needs zero_stage 3")
         return v
 
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _lora_targets(cls, v: list[str]) -> list[str]:
+        if not v or not all(isinstance(name, str) and name for name in v):
+            raise ValueError("name at least one linear layer (e.g. wqkv, wo, w1, w2, w3)")
+        return v
+
     @field_validator("offload_optimizer")
     @classmethod
     def _offload_needs_zero(cls, v: bool, info: ValidationInfo) -> bool:
