@@ -214,7 +214,7 @@ def test_killed_worker_resumes_elsewhere_and_redelivery_never_runs_twice(store, 
         wait_for(lambda: not processes_running(marker), 5, what="the orphaned training process to die")
         wait_for(lambda: store.get(job.job_id).stages[0].attempt == 1, 30, what="recovery")
         assert time.monotonic() - t_kill < 20
-        wait_for(lambda: store.get(job.job_id).state.terminal, 120, what="the resumed stage")
+        wait_for(lambda: store.get(job.job_id).state.terminal, 240, what="the resumed stage")
     finally:
         stop.set()
         sampler.join()
