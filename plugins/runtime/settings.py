@@ -9,7 +9,8 @@ Environment (all optional):
     INTERNLM2_WORK_DIR                 where jobs write their outputs (default ~/.cache/internlm2/jobs)
     INTERNLM2_DATA_ROOTS / _MODELS_ROOTS / _ARTIFACTS_ROOTS
                                        os.pathsep-separated folders that paths in stage configs and job
-                                       inputs must lie under (see :attr:`RuntimeSettings.path_roots`)
+                                       inputs must lie under (see :attr:`RuntimeSettings.path_roots`;
+                                       unset: /data, /models, /artifacts, the temp dir, ~/.cache/internlm2)
     INTERNLM2_LEASE_TTL_S              a stage whose supervisor is silent this long is presumed lost
     INTERNLM2_CANCEL_GRACE_S           cooperative cancel, then SIGTERM; SIGKILL after as long again
     INTERNLM2_MAX_ATTEMPTS             lost workers a stage survives before it fails
@@ -31,6 +32,7 @@ from typing import Any
 
 DAY = 24 * 3600.0
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_ROOTS = ("/data", "/models", "/artifacts")  # the mounts of compose, Helm and stage pods
 
 
 def default_work_dir() -> str:
@@ -45,9 +47,8 @@ def _roots(value: str | None) -> tuple[str, ...]:
 class RuntimeSettings:
     redis_url: str = DEFAULT_REDIS_URL
     work_dir: str = field(default_factory=default_work_dir)
-    # Folders that stage-config paths and job inputs must lie under. Empty = the defaults of
-    # ``path_roots``: the work dir, the temp dir and ~/.cache/internlm2 (a single-user machine);
-    # deployments set /data, /models and /artifacts.
+    # Folders that stage-config paths and job inputs must lie under. All empty = DEFAULT_ROOTS (the
+    # images' /data, /models, /artifacts mounts, the temp dir, ~/.cache/internlm2) plus the work dir.
     data_roots: tuple[str, ...] = ()
     models_roots: tuple[str, ...] = ()
     artifacts_roots: tuple[str, ...] = ()
@@ -102,7 +103,7 @@ class RuntimeSettings:
         """Every folder a submitted path may lie under (resolved)."""
         roots = (*self.data_roots, *self.models_roots, *self.artifacts_roots)
         if not roots:
-            roots = (tempfile.gettempdir(), str(Path.home() / ".cache" / "internlm2"))
+            roots = (*DEFAULT_ROOTS, tempfile.gettempdir(), str(Path.home() / ".cache" / "internlm2"))
         return tuple(Path(os.path.realpath(p)) for p in (*roots, self.work_dir))
 
     @property
