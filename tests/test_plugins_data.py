@@ -6,6 +6,7 @@ packed once (the prepare_data stage)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -218,3 +219,23 @@ def test_prepare_data_packs_chat_once_and_sft_reads_the_same_rows(assets, tok, t
             assert (getattr(got, name) == getattr(want, name)).all() and getattr(got, name).dtype == np.int64
     with pytest.raises(ValueError, match="max_length"):
         chat_rows(tok, folder, 128)
+
+
+@pytest.mark.timeout(300)
+def test_sft_trains_from_the_prepared_rows(assets, tmp_path):
+    prepare = get_stage("prepare_data")
+    ctx = local_context(prepare, {"sources": [str(assets.chat)], "format": "chat", "max_length": 64},
+                        tmp_path / "prep", inputs=StageInputs(checkpoints={"base": assets.base}))
+    prepare.run(ctx)
+    from internlm2.plugins.contract import ArtifactKind, ArtifactRef, StageOutput
+
+    prepared = StageOutput("prepare_data", "prepare_data", tmp_path / "prep", {"dataset": ArtifactRef(
+        "dataset", ArtifactKind.OTHER, tmp_path / "prep" / "dataset")})
+    sft = get_stage("sft")
+    run = local_context(sft, {"data": "stage:prepare_data", "max_length": 64, "max_steps": 2, "micro_batch_size": 2,
+                              "checkpoint_every": 0, "zero_stage": 2, "tensorboard": False}, tmp_path / "sft",
+                        inputs=StageInputs(checkpoints={"base": assets.base}, previous=(prepared,)))
+    result = sft.run(run)
+    assert math.isfinite(result["loss"])  # it trained on the rows
+    assert any("prepared into" in e["message"] for e in run.channel.of_type("log"))
+    assert (tmp_path / "sft" / "final" / "config.json").exists()

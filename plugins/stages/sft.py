@@ -25,9 +25,8 @@ from internlm2.core import kernels
 from internlm2.core.attention import DenseAttention
 
 from ..contract import Stage, StageContext
-from ..data.formats import load_chat
-from ..data.packing import collate, pack_samples
-from ..data.tokenize import tokenize_chat
+from ..data.chat_rows import chat_rows
+from ..data.packing import collate
 from ..trainer import (
     TrainingConfig,
     load_causal_lm,
@@ -107,11 +106,12 @@ def run(ctx: StageContext) -> dict[str, float]:
     cfg: SFTConfig = ctx.config  # type: ignore[assignment]
     model_path = ctx.resolve_model(cfg.model)
     tok = load_tokenizer(model_path)
-    conversations = load_chat(ctx.resolve(cfg.data, "dataset"))
-    rows, truncated = pack_samples([tokenize_chat(tok, c) for c in conversations], cfg.max_length, tok.pad_id)
-    if truncated:
-        ctx.log(f"{truncated} samples longer than max_length={cfg.max_length} were truncated", "WARNING")
-    ctx.log(f"{len(conversations)} conversations packed into {len(rows)} rows of {cfg.max_length}")
+    # A prepare_data (format chat) folder is read as packed, memory-mapped rows; a JSONL is packed here.
+    rows, info = chat_rows(tok, ctx.resolve(cfg.data, "dataset"), cfg.max_length)
+    if info["truncated"]:
+        ctx.log(f"{info['truncated']} samples longer than max_length={cfg.max_length} were truncated", "WARNING")
+    ctx.log(f"{info['samples']} conversations {'prepared' if info['prepared'] else 'packed'} into {len(rows)} "
+            f"rows of {cfg.max_length}")
     model = apply_lora(load_causal_lm(model_path, cfg), cfg)  # where it trains; ZeRO-3: partitioned as built
     batches = rank_batches(rows, cfg.micro_batch_size, ctx.rank, ctx.world_size, collate,
                            shuffle_seed=cfg.seed if cfg.shuffle else None)
