@@ -83,6 +83,9 @@ def _chat(**fields) -> dict:
         (_chat(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools[0].function.name"),
         (_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "wrong"}}}]),
          "tools[0].function.parameters"),
+        ({"model": MODEL, "messages": [*USER, {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]},
+         "messages[1].tool_calls[0].function.arguments"),
         # Shape problems are the gateway's own (pydantic), named by their JSON path.
         ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": USER}, "model"),

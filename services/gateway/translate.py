@@ -138,7 +138,7 @@ def _content_text(message: ChatMessageIn, i: int) -> str:
     return "".join(texts)
 
 
-def _tool_call_to_proto(call, path: str) -> common_pb2.ToolCall:
+def _tool_call_to_proto(call) -> common_pb2.ToolCall:
     name = call.function.name
     kind = common_pb2.TOOL_KIND_INTERPRETER if name == "interpreter" else common_pb2.TOOL_KIND_PLUGIN
     return common_pb2.ToolCall(kind=kind, name=name, arguments_json=call.function.arguments, id=call.id)
@@ -154,8 +154,7 @@ def messages_to_proto(messages: list[ChatMessageIn]) -> list[common_pb2.ChatMess
             # The tool's result: InternLM2's environment turn on the plugin channel.
             role, name = "environment", "plugin"
         message = common_pb2.ChatMessage(role=role, content=_content_text(m, i), name=name)
-        for j, call in enumerate(m.tool_calls or ()):
-            message.tool_calls.append(_tool_call_to_proto(call, f"messages[{i}].tool_calls[{j}]"))
+        message.tool_calls.extend(_tool_call_to_proto(call) for call in m.tool_calls or ())
         out.append(message)
     return out
 
