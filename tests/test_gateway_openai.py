@@ -261,3 +261,23 @@ def test_a_client_that_gives_up_on_a_unary_answer_frees_its_engine_work(gateway,
         assert wait_for(lambda: engine.stats().num_running == 1, 30)
     assert wait_for(idle, 30), engine.stats()
     assert engine.stats().num_generated_tokens - generated_before < 400
+
+
+@pytest.mark.skipif(not HAS_STRUCTURED_OUTPUT, reason="this inference proto has no structured output")
+def test_response_format_json_object_constrains_the_output(client):
+    """A random model inside an open JSON object may write one string until max_tokens (nothing bounds it, unlike
+    a schema's enum): what is checked is that the output is a JSON object, or a prefix of one, where the same
+    request without the constraint is not."""
+    kwargs = dict(model=MODEL, messages=HELLO, max_tokens=48, temperature=0.7, seed=11)
+    free = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert not free.lstrip().startswith("{")
+    choice = client.chat.completions.create(response_format={"type": "json_object"}, **kwargs).choices[0]
+    content = choice.message.content
+    assert content.lstrip().startswith("{"), content
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    else:
+        assert choice.finish_reason == "length"
+        with pytest.raises(json.JSONDecodeError) as info:  # cut short: it fails only where the text ends
+            json.loads(content)
+        assert info.value.pos >= len(content.rstrip()) - 1 or "Unterminated string" in info.value.msg
