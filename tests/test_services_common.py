@@ -357,6 +357,23 @@ class EndlessService(Service):
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(EndlessStream(), server)
 
 
+def test_a_large_request_reaches_a_streaming_servicer_parsed():
+    """The off-loop parse of large requests hands streaming servicers the parsed message too."""
+    from internlm2.services.common.decoding import PARSE_OFF_LOOP_BYTES
+
+    server = BackgroundApp(GrpcApp(_config(), [EndlessService()])).start()
+    request_id = "r" * (PARSE_OFF_LOOP_BYTES + 1)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stream = inference_pb2_grpc.InferenceServiceStub(channel).GenerateStream(
+                inference_pb2.GenerateStreamRequest(request_id=request_id), timeout=60
+            )
+            assert next(stream).request_id == request_id
+            stream.cancel()
+    finally:
+        server.stop()
+
+
 class _Context:
     """What final_code reads of a finished call."""
 
