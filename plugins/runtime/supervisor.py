@@ -145,7 +145,7 @@ class Supervision:
                           max(0.0, s.kill_after_s - silent))
                 return None
             if self.stopping():
-                return self.release(now)
+                return self.release()
             if cancel_at is None and self.talk(lambda: self.jobs.cancel_requested(self.job_id))[1]:
                 self.run.request_cancel()
                 cancel_at = now
@@ -158,9 +158,12 @@ class Supervision:
             time.sleep(s.poll_s if self.unreachable_since is None else min(self.backoff, s.renew_every_s / 2))
         return self.conclude(rc, cancel_at is not None)
 
-    def release(self, now: float) -> JobState | None:
-        """This worker is stopping: stop the run (it resumes from its checkpoint elsewhere)."""
-        self.stop("worker stopping", self.settings.cancel_grace_s)
+    def release(self) -> JobState | None:
+        """This worker is stopping: stop the run (it resumes from its checkpoint elsewhere). The
+        SIGTERM grace ends before the lease could expire, so no other worker starts it meanwhile."""
+        self.renew()
+        held = time.monotonic() - self.renewed_at
+        self.stop("worker stopping", min(self.settings.cancel_grace_s, max(0.0, self.settings.kill_after_s - held)))
         self.collect()
         self.retrying(lambda: self.flush() is not None)
         self.retrying(lambda: self.talk(lambda: self.jobs.release_stage(
