@@ -206,6 +206,24 @@ def test_rbac_rules_cover_every_call_the_launcher_makes(pod_settings, monkeypatc
     assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in RBAC_RULES)
 
 
+def test_an_unreachable_api_server_is_waited_out_and_a_deleted_job_is_a_failure(pod_settings, monkeypatch):
+    import urllib3
+    from kubernetes.client import ApiException
+
+    outcomes = iter([ApiException(status=503, reason="unavailable"),
+                     urllib3.exceptions.MaxRetryError(None, "/apis/batch", "refused"),
+                     ApiException(status=404, reason="not found")])
+
+    class FlakyBatch:
+        def read_namespaced_job_status(self, *args):
+            raise next(outcomes)
+
+    monkeypatch.setattr(k8s.k8s, "CoreV1Api", lambda: None)
+    monkeypatch.setattr(k8s.k8s, "BatchV1Api", FlakyBatch)
+    run = k8s.KubernetesRun(store=None, events_key="e", name="n", namespace="ns", nodes=2, attempt=0)
+    assert [run.poll(), run.poll(), run.poll()] == [None, None, 1]
+
+
 def test_launcher_choice():
     assert resolve_launcher({}) == "python"
     assert resolve_launcher({"nproc_per_node": 2}) == "torchrun"

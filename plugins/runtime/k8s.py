@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes import client as k8s
 
@@ -38,6 +40,8 @@ from .records import Job
 from .runspec import run_spec
 from .settings import RuntimeSettings
 from .store import RedisStore
+
+logger = logging.getLogger(__name__)
 
 RENDEZVOUS_PORT = 29500
 SPEC_DIR = "/etc/internlm2/run"
@@ -197,7 +201,16 @@ class KubernetesRun:
         self._deleted = False
 
     def poll(self) -> int | None:
-        status = self.batch.read_namespaced_job_status(self.name, self.namespace).status
+        try:
+            status = self.batch.read_namespaced_job_status(self.name, self.namespace).status
+        except k8s.ApiException as exc:
+            if exc.status == 404:  # deleted behind our back: the run is gone
+                return 1
+            logger.warning("kubernetes job %s: status unavailable (%s); retrying", self.name, exc.reason)
+            return None
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # API server unreachable: lease and watchdog hold
+            logger.warning("kubernetes job %s: API server unreachable (%s); retrying", self.name, exc)
+            return None
         if (status.failed or 0) > 0:
             return 1
         if (status.succeeded or 0) >= self.nodes:

@@ -102,7 +102,8 @@ class Supervision:
         return bool(applied)
 
     def collect(self) -> None:
-        for e in self.run.events():
+        ok, events = self.talk(self.run.events)  # pods' events come through Redis
+        for e in events if ok else ():
             if e.get("type") == "result":
                 self.result = e
             else:
