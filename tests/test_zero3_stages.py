@@ -11,6 +11,7 @@ sweep read weights during evaluation — outside the engine's forward those are 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -84,6 +85,9 @@ def test_dpo_under_zero3_evaluates_and_writes_final(world, tmp_path):
                              tmp_path)
     # the held-out evaluation ran mid-training and at the end, through the engine
     assert {"eval_margin", "eval_accuracy", "eval_loss"} <= set(summary)
+    # the reference (its own ZeRO-3 inference engine) scores exactly as the untrained policy: loss log 2
+    first = next(e["values"] for e in ctx.channel.of_type("metrics") if "loss" in e["values"])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4) and first["margin"] == pytest.approx(0, abs=1e-4)
     assert sum("eval_margin" in e["values"] for e in ctx.channel.of_type("metrics")) >= 2
     model = InternLM2ForCausalLM.from_pretrained(tmp_path / "final")
     assert changed(model, InternLM2ForCausalLM.from_pretrained(world["base"]))

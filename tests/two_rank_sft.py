@@ -1,9 +1,10 @@
-"""One rank of a 2-process SFT run (tests/test_two_ranks.py starts two of these with RANK/WORLD_SIZE set).
+"""One rank of a 2-process stage run (tests/test_two_ranks.py starts two of these with RANK/WORLD_SIZE set).
 
-    python tests/two_rank_sft.py BASE CHAT OUT_DIR CONFIG_JSON
+    python tests/two_rank_sft.py BASE DATA OUT_DIR CONFIG_JSON [STAGE]
 
-Runs the real sft stage on this rank (gloo, DeepSpeed on CPU) and prints one JSON line: the first step's
-metrics and the stage's log lines (rank 0's channel is the one that reports)."""
+Runs the real stage (default sft; its data field is "data", DPO's "train_data") on this rank (gloo,
+DeepSpeed on CPU) and prints one JSON line: the first step's metrics and the stage's log lines (rank 0's
+channel is the one that reports)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main() -> None:
-    base, chat, out, config = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
+    base, data, out, config = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
+    name = sys.argv[5] if len(sys.argv) > 5 else "sft"
     from internlm2.plugins.contract import StageInputs, local_context
     from internlm2.plugins.registry import get_stage
 
-    stage = get_stage("sft")
-    ctx = local_context(stage, {"data": chat, **config}, out, inputs=StageInputs(checkpoints={"base": Path(base)}))
+    stage = get_stage(name)
+    field = "train_data" if name in ("dpo", "reward_model") else "data"
+    ctx = local_context(stage, {field: data, **config}, out, inputs=StageInputs(checkpoints={"base": Path(base)}))
     stage.run(ctx)
     metrics = [e["values"] for e in ctx.channel.of_type("metrics")]
     logs = [e["message"] for e in ctx.channel.of_type("log")]

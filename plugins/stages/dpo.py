@@ -1,7 +1,8 @@
 """dpo: direct preference optimisation of a policy against a frozen reference.
 
     policy (default: the previous checkpoint) + reference (default: the same weights, frozen)
-    -> reference log-probs of every pair computed once, up front (the reference then leaves memory:
+    -> reference log-probs of every pair computed once, up front (under ZeRO-3 partitioned and run through a
+       forward-only DeepSpeed engine like the policy; then the reference leaves memory:
        on a GPU only the policy trains under DeepSpeed)
     -> DPO loss (``algorithms.dpo_loss``) on the response tokens' summed log-probs, computed through
        the fused linear + cross-entropy (``reduction="none"``), never full logits
@@ -27,7 +28,16 @@ from ..algorithms.dpo_loss import dpo_loss
 from ..algorithms.logprobs import sequence_logprobs
 from ..algorithms.models import freeze, frozen_dtype
 from ..contract import Stage, StageContext
-from ..trainer import apply_lora, load_causal_lm, load_tokenizer, run_deepspeed_training, save_final_checkpoint
+from ..trainer import (
+    apply_lora,
+    engine_forward,
+    inference_engine,
+    load_causal_lm,
+    load_tokenizer,
+    run_deepspeed_training,
+    save_final_checkpoint,
+)
+from ..trainer.distributed import max_across_ranks
 from .reward_model import PreferenceDataConfig, shard, steps_for_epochs
 
 
@@ -66,12 +76,39 @@ def pair_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logps[:n], logps[n:]
 
 
-@torch.no_grad()
-def attach_reference(reference, batches: list[dict], device) -> None:
-    """Adds the reference's "ref_chosen"/"ref_rejected" log-probs to every batch (kept on the CPU)."""
-    for batch in batches:
-        chosen, rejected = pair_logprobs(reference, {k: v.to(device) for k, v in batch.items()})
-        batch["ref_chosen"], batch["ref_rejected"] = chosen.float().cpu(), rejected.float().cpu()
+def attach_reference(forward, batches: list[dict]) -> None:
+    """Adds the reference's "ref_chosen"/"ref_rejected" log-probs to every batch (kept on the CPU).
+    ``forward(fn, batch)`` runs ``fn(reference, batch)`` without gradients. Under ZeRO-3 it is a collective
+    (an inference engine's forward): every rank runs as many forwards as the rank with the most batches,
+    repeating its last one (results dropped) — ranks' shards differ by one batch at most."""
+    calls = int(max_across_ranks(len(batches)))
+    for i in range(calls):
+        batch = batches[min(i, len(batches) - 1)] if batches else None
+        chosen, rejected = forward(pair_logprobs, batch)
+        if i < len(batches):
+            batch["ref_chosen"], batch["ref_rejected"] = chosen.float().cpu(), rejected.float().cpu()
+
+
+def reference_forward(ref_dir, cfg: DPOConfig, device):
+    """``(forward(fn, batch), release())`` over the frozen reference. ZeRO-3: loaded into partitions like
+    the policy and run through a forward-only DeepSpeed engine (no rank holds it whole); otherwise whole on
+    this rank's device in the dtype the policy computes in."""
+    if cfg.zero_stage == 3:
+        ref_cfg = cfg.model_copy(update={"lora_rank": 0})
+        engine = inference_engine(load_causal_lm(ref_dir, ref_cfg).eval(), ref_cfg)
+
+        def forward(fn, batch):
+            return engine_forward(engine, fn, batch)
+
+        return forward, engine.destroy
+    reference = freeze(InternLM2ForCausalLM.from_pretrained(ref_dir, device=device,
+                                                            dtype=frozen_dtype(cfg.precision, device)))
+
+    @torch.no_grad()
+    def forward(fn, batch):
+        return fn(reference, {k: v.to(device) for k, v in batch.items()})
+
+    return forward, lambda: None
 
 
 def evaluate(forward, batches: Sequence[dict], cfg: DPOConfig) -> dict[str, float]:
@@ -114,11 +151,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     train_batches = shard(train_batches, ctx)
 
     # The reference scores every pair once, then is dropped: training holds only the policy.
-    reference = freeze(InternLM2ForCausalLM.from_pretrained(ctx.resolve(cfg.reference) if cfg.reference
-                                                             else model_dir, device=device,
-                                                             dtype=frozen_dtype(cfg.precision, device)))
-    attach_reference(reference, train_batches + eval_batches, device)
-    del reference
+    forward, release = reference_forward(ctx.resolve(cfg.reference) if cfg.reference else model_dir, cfg, device)
+    attach_reference(forward, train_batches)
+    attach_reference(forward, eval_batches)  # the same on every rank
+    release()
+    del forward, release  # the reference (and its engine) leave memory before the policy is built
     ctx.log(f"{len(pairs) - skipped} training pairs ({skipped} too long), {len(held_out)} held out; "
             "reference log-probs precomputed")
 

@@ -47,3 +47,12 @@ def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     torch.distributed.all_reduce(t)
     t /= _group_size()
     return dict(zip(keys, t.tolist()))
+
+
+def max_across_ranks(value: float) -> float:
+    """The largest ``value`` of all ranks (e.g. how many collective forwards every rank must run)."""
+    if _group_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
