@@ -124,6 +124,16 @@ def test_bad_specs_name_their_field(engine, prompt, spec, field):
     assert not engine.has_unfinished()
 
 
+
+def test_a_deeply_nested_schema_is_refused_by_its_depth_before_parsing(engine, prompt):
+    # The same depth rule the services apply to tool JSON (core/json_limits.py): refused as too deep,
+    # never parsed into a RecursionError.
+    spec = StructuredOutput(json_schema="[" * 30_000 + "]" * 30_000)
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request("deep", prompt, SamplingParams(structured_output=spec))
+    assert info.value.field == "structured_output.json_schema"
+    assert "levels deep" in str(info.value) and "recursion" not in str(info.value).lower()
+
 def test_a_constrained_request_must_be_able_to_end(engine, prompt):
     so = StructuredOutput(regex=REGEX)
     with pytest.raises(InvalidRequestError) as info:

@@ -30,7 +30,6 @@ is complete, and accepting one terminates the matcher, which ends the sequence.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -38,6 +37,7 @@ import threading
 import numpy as np
 import torch
 
+from ..json_limits import load_json
 from .errors import InvalidRequestError
 from .params import StructuredOutput
 
@@ -99,7 +99,7 @@ class StructuredOutputs:
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "json_schema":
                 try:
-                    schema = json.loads(spec.json_schema)
+                    schema = load_json(spec.json_schema)  # depth-bounded: no RecursionError
                 except ValueError as exc:
                     raise InvalidRequestError(field, f"is not valid JSON: {exc}") from None
                 if not isinstance(schema, (dict, bool)):

@@ -114,7 +114,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request, context):
-        request_id, prompt, params = self._prepare(request)
+        # Tokenizing a prompt of many MiB takes seconds: off the event loop, so health checks and
+        # other streams keep being answered (to_thread copies the request-id context).
+        request_id, prompt, params = await asyncio.to_thread(self._prepare, request)
         completion = Completion(self.tokenizer, request_id, prompt.token_ids, n=params.num_sequences, keep=params.n)
         async with contextlib.aclosing(self._outputs(request_id, prompt, params, context)) as outputs:
             async for out in outputs:
@@ -122,7 +124,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return completion.response()
 
     async def GenerateStream(self, request, context):
-        request_id, prompt, params = self._prepare(request)
+        request_id, prompt, params = await asyncio.to_thread(self._prepare, request)
         if params.best_of is not None and params.best_of > params.n:
             raise ServiceError.invalid_argument(
                 "sampling.best_of", "best_of > n needs Generate: which completions are best is known only at the end"
