@@ -223,3 +223,12 @@ def test_top_level_core_plugins_services_refuse_to_load_a_second_copy():
     done = subprocess.run([sys.executable, "-c", "import internlm2.core, internlm2.plugins, internlm2.services"],
                           cwd=repo, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", ["", None, 5])
+def test_a_missing_stage_name_lists_the_installed_stages(name):
+    with pytest.raises(StageConfigError) as info:
+        validate_pipeline([{"stage": name}])
+    (field, message), = info.value.errors
+    assert field == "stages[0].stage"
+    assert "prepare_data" in message and "none" not in message.split("installed:")[1]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import Stage, StageConfig, StageConfigError, format_loc
-from ..registry import UnknownStageError, get_stage
+from ..registry import UnknownStageError, get_stage, load_stages
 
 STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ITEM_KEYS = {"stage", "config", "name"}
@@ -73,7 +73,7 @@ def validate_pipeline(pipeline: Sequence[Mapping[str, Any]],
         stage_name = item.get("stage")
         try:
             if not isinstance(stage_name, str) or not stage_name:
-                raise UnknownStageError(str(stage_name), [])
+                raise UnknownStageError(str(stage_name), sorted(load_stages()))  # the list helps fix it
             stage = get_stage(stage_name)
         except UnknownStageError as exc:
             errors.append((f"{where}.stage", str(exc)))
