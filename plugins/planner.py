@@ -255,8 +255,8 @@ def plan_pipeline(stages: list[dict], num_gpus: int, gpu_memory_gib: float, mode
     """Per-stage per-GPU memory of ``stages`` on ``num_gpus`` GPUs of ``gpu_memory_gib`` each."""
     if num_gpus < 1:
         raise ValueError("num_gpus: must be >= 1")
-    if gpu_memory_gib <= 0:
-        raise ValueError("gpu_memory_gib: must be > 0")
+    if not 0 < gpu_memory_gib < float("inf"):  # NaN included
+        raise ValueError("gpu_memory_gib: must be a finite number > 0")
     return Plan([estimate_stage(spec, num_gpus, model) for spec in stages], num_gpus, gpu_memory_gib)
 
 

@@ -163,6 +163,7 @@ def test_services_and_rpcs_are_the_shared_contract():
             "CancelJob",
             "WatchJob",
             "RetryJob",
+            "PlanJob",
         ],
     }
     stream = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].methods_by_name["GenerateStream"]

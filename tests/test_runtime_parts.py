@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import pkgutil
 from pathlib import Path
 
@@ -232,3 +233,27 @@ def test_a_missing_stage_name_lists_the_installed_stages(name):
     (field, message), = info.value.errors
     assert field == "stages[0].stage"
     assert "prepare_data" in message and "none" not in message.split("installed:")[1]
+
+
+def test_submit_refuses_a_pipeline_the_planner_says_cannot_fit(tmp_path):
+    # Admission uses the same estimate as PlanJob (plugins/planner.py), with the shapes of the model the
+    # stage config names: the 7B preset's config.json, so the numbers are a 7B's.
+    from internlm2.core import InternLM2Config
+
+    model = tmp_path / "internlm2-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(InternLM2Config.preset("7b").to_dict()))
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    roots = (tmp_path.resolve(),)
+
+    def sft(**config):
+        return [{"stage": "sft", "config": {"model": str(model), "data": str(data), **config}}]
+
+    validate_pipeline(sft(), None, Boundaries(roots))  # no GPU size declared: not checked
+    with pytest.raises(StageConfigError) as err:  # a 7B's ZeRO-2 states on one 80 GiB GPU: no
+        validate_pipeline(sft(), None, Boundaries(roots, gpu_memory_gib=80))
+    (field, message), = err.value.errors
+    assert field == "stages[0].config.zero_stage" and "GiB per GPU" in message
+    # Spread over 8 GPUs with ZeRO-3 it fits the same GPUs.
+    validate_pipeline(sft(zero_stage=3, launch={"nproc_per_node": 8}), None, Boundaries(roots, gpu_memory_gib=80))

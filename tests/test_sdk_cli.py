@@ -46,6 +46,7 @@ EXPECTED = {
     ("train", "watch"),
     ("train", "cancel"),
     ("train", "retry"),
+    ("train", "plan"),
     ("serve",),
     ("serve", "tokenizer"),
     ("serve", "inference"),

@@ -107,6 +107,38 @@ def test_bad_submissions_name_the_field(client, stages, field):
     assert len(client.list_jobs(page_size=1000).jobs) == before  # nothing stored
 
 
+
+def test_plan_job_estimates_per_gpu_memory_and_names_bad_fields(client, corpus, server):
+    sft = {"stage": "sft", "config": {"data": corpus["sources"][0]}}  # no checkpoint named: `model` gives shapes
+    zero2 = client.plan_job([sft], num_gpus=8, gpu_memory_gib=80, model="7b")
+    (s2,) = zero2.stages
+    assert (s2.stage, s2.num_gpus, zero2.gpu_memory_gib) == ("sft", 8, 80)
+    parts = (s2.weights_gib + s2.grads_gib + s2.optimizer_gib + s2.activations_gib + s2.kv_gib + s2.frozen_gib
+             + s2.other_gib)
+    assert parts == pytest.approx(s2.total_gib)
+    assert s2.weights_gib == pytest.approx(14.4, rel=0.03)  # ZeRO-2: every rank holds the 7B's bf16 weights
+    zero3 = client.plan_job([{**sft, "config": {**sft["config"], "zero_stage": 3}}], num_gpus=8,
+                            gpu_memory_gib=80, model="7b").stages[0]
+    assert zero3.weights_gib < s2.weights_gib / 4 and zero3.total_gib < s2.total_gib
+    small = client.plan_job([sft], num_gpus=1, gpu_memory_gib=24, model="7b")
+    assert not small.fits and not small.stages[0].fits
+    for kwargs, field in (({"num_gpus": 0}, "num_gpus"), ({"gpu_memory_gib": 0}, "gpu_memory_gib"),
+                          ({"model": "9b"}, "model")):
+        with pytest.raises(InvalidArgumentError) as info:
+            client.plan_job([sft], **{"num_gpus": 8, "gpu_memory_gib": 80, "model": "7b", **kwargs})
+        assert info.value.field == field
+    with pytest.raises(InvalidArgumentError) as info:  # validated like a submission
+        client.plan_job([{"stage": "sft", "config": {}}], num_gpus=8, gpu_memory_gib=80, model="7b")
+    assert info.value.field == "stages[0].config.data"
+    # The CLI prints the table; exit 1 when a stage does not fit.
+    for memory, code in (("80", 0), ("24", 1)):
+        out = subprocess.run(
+            [sys.executable, "-c", CLI, "train", "plan", "--address", server.address, "--stage",
+             "sft=" + json.dumps(sft["config"]), "--gpus", "1" if code else "8", "--gpu-memory-gib", memory,
+             "--model", "7b"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == code, out.stderr
+        assert "sft" in out.stdout and ("NO" in out.stdout) == bool(code)
+
 def test_unknown_job_is_not_found(client):
     for call in (client.get_job, client.cancel_job):
         with pytest.raises(NotFoundError):

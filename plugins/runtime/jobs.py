@@ -69,7 +69,8 @@ class JobStore:
         self.store = RedisStore(settings.redis_url)
         self.r = self.store.r
         self._dispatcher = dispatcher
-        self.boundaries = Boundaries(settings.path_roots if check_paths else None, settings.kubernetes)
+        self.boundaries = Boundaries(settings.path_roots if check_paths else None, settings.kubernetes,
+                                     settings.gpu_memory_gib)
 
     # ---- keys tests and the Kubernetes launcher may name ---------------------------------------
     def lease_key(self, job_id: str, index: int) -> str:

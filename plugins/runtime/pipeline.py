@@ -37,10 +37,12 @@ LAUNCH_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_")
 
 @dataclass(frozen=True)
 class Boundaries:
-    """What a submitted job may reach: path roots (None = no path check) and multi-node support."""
+    """What a submitted job may reach: path roots (None = no path check), multi-node support, and the
+    workers' GPU size (0 = memory not checked)."""
 
     roots: tuple[Path, ...] | None = None
     kubernetes: bool = False
+    gpu_memory_gib: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,31 @@ def validate_pipeline(pipeline: Sequence[Mapping[str, Any]],
         planned.append(PlannedStage(name, stage, config))
     if errors:
         raise StageConfigError(errors)
+    if boundaries.gpu_memory_gib > 0:  # admission: the same estimate PlanJob shows
+        _planned_memory(pipeline, 1, boundaries.gpu_memory_gib, None, refuse=True)
     return planned
+
+
+def plan_memory(pipeline: Sequence[Mapping[str, Any]], num_gpus: int, gpu_memory_gib: float, model: str | None = None,
+                inputs: Mapping[str, Any] | None = None, boundaries: Boundaries | None = None):
+    """PlanJob: the pipeline validated like a submission (field errors first), then the planner's
+    per-stage, per-GPU memory (``internlm2.plugins.planner.Plan``). Raises StageConfigError."""
+    boundaries = Boundaries(boundaries.roots, boundaries.kubernetes) if boundaries else None  # plan, not refuse
+    validate_pipeline(pipeline, inputs, boundaries)
+    return _planned_memory(pipeline, num_gpus, gpu_memory_gib, model, refuse=False)
+
+
+def _planned_memory(pipeline, num_gpus: int, gpu_memory_gib: float, model: str | None, refuse: bool):
+    from ..planner import check_fits, plan_pipeline
+
+    specs = [dict(item) for item in pipeline]
+    try:
+        return (check_fits if refuse else plan_pipeline)(specs, num_gpus, gpu_memory_gib, model)
+    except ValueError as exc:  # the planner names the field first: "stages[0].config.zero_stage: needs ..."
+        field, sep, message = str(exc).partition(": ")
+        if not (sep and (field.startswith("stages[") or field in ("num_gpus", "gpu_memory_gib"))):
+            field, message = "model", str(exc)  # the model's shapes: an unknown preset, a bad config.json
+        raise StageConfigError([(field, message)]) from None
 
 
 def _default_name(stage: str, taken: list[str]) -> str:

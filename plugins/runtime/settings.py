@@ -18,6 +18,8 @@ Environment (all optional):
     INTERNLM2_VISIBILITY_TIMEOUT_S     Redis transport: unacked messages come back after this long
     INTERNLM2_RESTORE_INTERVAL_S       how often idle workers sweep unacked messages (tests lower it)
     INTERNLM2_K8S_STAGE_POD            the stage-pod settings file (multi-node stages on Kubernetes)
+    INTERNLM2_GPU_MEMORY_GIB           memory of the workers' GPUs; set, SubmitJob refuses a pipeline the
+                                       memory planner says cannot fit them (unset/0: no memory check)
     INTERNLM2_FAILPOINT                tests only (see ``tasks.EXIT_BEFORE_DISPATCH``)
 """
 
@@ -60,6 +62,7 @@ class RuntimeSettings:
     visibility_timeout_s: float = 7 * DAY  # Redis would otherwise redeliver a running stage after 1 h
     restore_interval_s: float | None = None  # None: kombu's default sweep period
     k8s_stage_pod: str = ""  # path of the stage-pod settings file; "" = no Kubernetes
+    gpu_memory_gib: float = 0.0  # the workers' GPU size for admission (plugins/planner.py); 0 = unchecked
     failpoint: str = ""
 
     @classmethod
@@ -79,6 +82,7 @@ class RuntimeSettings:
             visibility_timeout_s=float(env.get("INTERNLM2_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s)),
             restore_interval_s=float(restore) if restore else None,
             k8s_stage_pod=env.get("INTERNLM2_K8S_STAGE_POD", ""),
+            gpu_memory_gib=float(env.get("INTERNLM2_GPU_MEMORY_GIB") or 0.0),
             failpoint=env.get("INTERNLM2_FAILPOINT", ""),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -95,9 +95,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             ]
         )
 
-    async def SubmitJob(self, request, context):
-        if not request.stages:
-            raise ServiceError.invalid_argument("stages", "a job needs at least one stage")
+    @staticmethod
+    def _pipeline(request) -> list[dict]:
+        """The request's stages as the store takes them (finite numbers only: JSON has no NaN)."""
         pipeline = []
         for i, spec in enumerate(request.stages):
             bad = non_finite_path(spec.config, f"stages[{i}].config")
@@ -107,6 +107,26 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             if spec.name:
                 item["name"] = spec.name
             pipeline.append(item)
+        return pipeline
+
+    async def PlanJob(self, request, context):
+        from internlm2.plugins.runtime.pipeline import plan_memory
+
+        pipeline = self._pipeline(request)  # empty stages, counts and sizes: refused by validation/planner
+        plan = await self._run(plan_memory, pipeline, request.num_gpus, request.gpu_memory_gib,
+                               request.model or None, None, self.store.boundaries)
+        stages = []
+        for s in plan.stages:
+            stages.append(training_pb2.StagePlan(
+                name=s.name, stage=s.stage, num_gpus=s.num_gpus, weights_gib=s.weights, grads_gib=s.grads,
+                optimizer_gib=s.optimizer, activations_gib=s.activations, kv_gib=s.kv, frozen_gib=s.frozen,
+                other_gib=s.buffers + s.overhead, total_gib=s.total, fits=plan.stage_fits(s), notes=s.notes))
+        return training_pb2.PlanJobResponse(stages=stages, fits=plan.fits, gpu_memory_gib=plan.gpu_memory_gib)
+
+    async def SubmitJob(self, request, context):
+        if not request.stages:
+            raise ServiceError.invalid_argument("stages", "a job needs at least one stage")
+        pipeline = self._pipeline(request)
         inputs = {
             kind: dict(getattr(request.inputs, kind))
             for kind in ("checkpoints", "datasets")

@@ -216,6 +216,14 @@ class TrainingAPI:
         (FailedPreconditionError for a job in any other state)."""
         return training_pb2.RetryJobRequest(job_id=job_id)
 
+    @unary("PlanJob", returns=cv.memory_plan_from_pb)
+    def plan_job(
+        stages: Sequence[t.StageSpec | Mapping | str], *, num_gpus: int, gpu_memory_gib: float, model: str = ""
+    ) -> t.MemoryPlan:
+        """Per-stage, per-GPU memory of a pipeline on `num_gpus` GPUs of `gpu_memory_gib` GiB, and whether it
+        fits; `model` (a preset such as "7b") gives the shapes when a stage's config names no checkpoint."""
+        return cv.plan_job_request(stages, num_gpus, gpu_memory_gib, model)
+
     @server_stream("WatchJob", each=cv.job_event_from_pb)
     def watch_job(job_id: str, *, after_sequence: int = 0) -> ServerStream[t.JobEvent]:  # noqa: F821
         """Streams the job's events until it ends; resume with `after_sequence`."""

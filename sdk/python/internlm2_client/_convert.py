@@ -6,6 +6,7 @@ into dataclasses with `*_from_pb` functions; both are unit-tested without a serv
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -478,6 +479,17 @@ def submit_job_request(
             checkpoints=dict(inputs.get("checkpoints", {})), datasets=dict(inputs.get("datasets", {}))
         ),
     )
+
+
+def plan_job_request(stages, num_gpus: int, gpu_memory_gib: float, model: str) -> training_pb2.PlanJobRequest:
+    specs = submit_job_request(stages, "", "", None).stages
+    return training_pb2.PlanJobRequest(stages=specs, num_gpus=num_gpus, gpu_memory_gib=gpu_memory_gib, model=model)
+
+
+def memory_plan_from_pb(pb: training_pb2.PlanJobResponse) -> t.MemoryPlan:
+    fields = [f.name for f in dataclasses.fields(t.StagePlan) if f.name != "notes"]
+    stages = tuple(t.StagePlan(**{f: getattr(s, f) for f in fields}, notes=tuple(s.notes)) for s in pb.stages)
+    return t.MemoryPlan(stages=stages, fits=pb.fits, gpu_memory_gib=pb.gpu_memory_gib)
 
 
 def list_jobs_request(page_size: int, page_token: str, states, labels) -> training_pb2.ListJobsRequest:

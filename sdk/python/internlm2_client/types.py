@@ -375,6 +375,34 @@ class StageInfo:
 
 
 @dataclass(frozen=True)
+class StagePlan:
+    """Estimated per-GPU memory of one stage, in GiB (PlanJob)."""
+
+    name: str
+    stage: str
+    num_gpus: int
+    weights_gib: float = 0.0
+    grads_gib: float = 0.0
+    optimizer_gib: float = 0.0
+    activations_gib: float = 0.0
+    kv_gib: float = 0.0
+    frozen_gib: float = 0.0
+    other_gib: float = 0.0
+    total_gib: float = 0.0
+    fits: bool = True
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """PlanJob's answer: one StagePlan per stage and whether all fit GPUs of ``gpu_memory_gib``."""
+
+    stages: tuple[StagePlan, ...]
+    fits: bool
+    gpu_memory_gib: float
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage of a pipeline to submit."""
 

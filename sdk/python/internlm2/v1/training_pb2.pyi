@@ -277,6 +277,58 @@ class RetryJobResponse(_message.Message):
     job: Job
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
+class PlanJobRequest(_message.Message):
+    __slots__ = ("stages", "num_gpus", "gpu_memory_gib", "model")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_GIB_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageSpec]
+    num_gpus: int
+    gpu_memory_gib: float
+    model: str
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageSpec, _Mapping]]] = ..., num_gpus: _Optional[int] = ..., gpu_memory_gib: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+
+class StagePlan(_message.Message):
+    __slots__ = ("name", "stage", "num_gpus", "weights_gib", "grads_gib", "optimizer_gib", "activations_gib", "kv_gib", "frozen_gib", "other_gib", "total_gib", "fits", "notes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_GIB_FIELD_NUMBER: _ClassVar[int]
+    GRADS_GIB_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_GIB_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_GIB_FIELD_NUMBER: _ClassVar[int]
+    KV_GIB_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_GIB_FIELD_NUMBER: _ClassVar[int]
+    OTHER_GIB_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_GIB_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stage: str
+    num_gpus: int
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    kv_gib: float
+    frozen_gib: float
+    other_gib: float
+    total_gib: float
+    fits: bool
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., stage: _Optional[str] = ..., num_gpus: _Optional[int] = ..., weights_gib: _Optional[float] = ..., grads_gib: _Optional[float] = ..., optimizer_gib: _Optional[float] = ..., activations_gib: _Optional[float] = ..., kv_gib: _Optional[float] = ..., frozen_gib: _Optional[float] = ..., other_gib: _Optional[float] = ..., total_gib: _Optional[float] = ..., fits: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PlanJobResponse(_message.Message):
+    __slots__ = ("stages", "fits", "gpu_memory_gib")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_GIB_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StagePlan]
+    fits: bool
+    gpu_memory_gib: float
+    def __init__(self, stages: _Optional[_Iterable[_Union[StagePlan, _Mapping]]] = ..., fits: _Optional[bool] = ..., gpu_memory_gib: _Optional[float] = ...) -> None: ...
+
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id", "after_sequence")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -73,6 +73,11 @@ class TrainingServiceStub:
                 request_serializer=internlm2_dot_v1_dot_training__pb2.RetryJobRequest.SerializeToString,
                 response_deserializer=internlm2_dot_v1_dot_training__pb2.RetryJobResponse.FromString,
                 _registered_method=True)
+        self.PlanJob = channel.unary_unary(
+                '/internlm2.v1.TrainingService/PlanJob',
+                request_serializer=internlm2_dot_v1_dot_training__pb2.PlanJobRequest.SerializeToString,
+                response_deserializer=internlm2_dot_v1_dot_training__pb2.PlanJobResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -132,6 +137,16 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanJob(self, request, context):
+        """Estimates the per-GPU memory of each stage of a pipeline (weights, gradients,
+        optimizer states, activations, KV cache, frozen models) on GPUs of a given size, and
+        whether it fits. Nothing is stored or run. SubmitJob refuses, with the same estimate,
+        a pipeline that cannot fit the GPUs the service was configured with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +184,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.RetryJob,
                     request_deserializer=internlm2_dot_v1_dot_training__pb2.RetryJobRequest.FromString,
                     response_serializer=internlm2_dot_v1_dot_training__pb2.RetryJobResponse.SerializeToString,
+            ),
+            'PlanJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanJob,
+                    request_deserializer=internlm2_dot_v1_dot_training__pb2.PlanJobRequest.FromString,
+                    response_serializer=internlm2_dot_v1_dot_training__pb2.PlanJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +384,33 @@ class TrainingService:
             '/internlm2.v1.TrainingService/RetryJob',
             internlm2_dot_v1_dot_training__pb2.RetryJobRequest.SerializeToString,
             internlm2_dot_v1_dot_training__pb2.RetryJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internlm2.v1.TrainingService/PlanJob',
+            internlm2_dot_v1_dot_training__pb2.PlanJobRequest.SerializeToString,
+            internlm2_dot_v1_dot_training__pb2.PlanJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

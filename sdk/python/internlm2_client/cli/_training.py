@@ -19,7 +19,7 @@ from internlm2_client.types import Job, JobEvent, JobEventKind, JobState, StageS
 def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train",
-        help="training jobs: stages, submit, status, watch, cancel, retry",
+        help="training jobs: stages, submit, plan, status, watch, cancel, retry",
         description="Submit and follow training pipelines on the training service.",
     )
     sub = train.add_subparsers(dest="train_command", metavar="COMMAND", required=True)
@@ -60,6 +60,20 @@ def register(subparsers) -> None:
     p.add_argument("--watch", action="store_true", help="follow the job until it ends")
     add_connection_options(p)
     p.set_defaults(func=run_submit)
+
+    p = sub.add_parser(
+        "plan",
+        help="estimate a pipeline's per-GPU memory",
+        description="Estimate each stage's memory per GPU (weights, gradients, optimizer, activations, KV, frozen "
+        "models) on GPUs of the given size. Exit status 1 when a stage does not fit.",
+    )
+    p.add_argument("--stage", action="append", default=[], metavar="NAME[=JSON|=@FILE]", help="as for submit")
+    p.add_argument("--pipeline", metavar="FILE", help="as for submit")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per stage unless its launch config says (default 8)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--model", default="", help='model preset for stages naming no checkpoint, e.g. "7b"')
+    add_connection_options(p)
+    p.set_defaults(func=run_plan, name=None, label=[])
 
     p = sub.add_parser("status", help="show a job, or list jobs")
     p.add_argument("job_id", nargs="?", help="job to show; omitted: list jobs")
@@ -276,6 +290,29 @@ def run_watch(args: argparse.Namespace) -> int:
     if not wants_json(args):
         _print_job(job)
     return 0 if job.state is JobState.SUCCEEDED else 1
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    try:
+        stages, _, _ = _pipeline(args)
+    except UsageError as exc:
+        print(f"internlm2 train plan: {exc}", file=sys.stderr)
+        return 2
+    with TrainingClient(**client_kwargs(args, "training")) as client:
+        plan = client.plan_job(stages, num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib, model=args.model)
+    if wants_json(args):
+        print_json(plan)
+        return 0 if plan.fits else 1
+    cols = ("weights", "grads", "optimizer", "activations", "kv", "frozen", "other", "total")
+    print(f"{'stage':<22}{'gpus':>5}" + "".join(f"{c:>12}" for c in cols) + "  fits")
+    for s in plan.stages:
+        values = "".join(f"{getattr(s, c + '_gib'):>12.2f}" for c in cols)
+        print(f"{s.name:<22}{s.num_gpus:>5}{values}  {'yes' if s.fits else 'NO'}")
+    print(f"(GiB per GPU on {plan.gpu_memory_gib:g} GiB GPUs)")
+    for s in plan.stages:
+        for note in s.notes:
+            print(f"{s.name}: {note}")
+    return 0 if plan.fits else 1
 
 
 def run_retry(args: argparse.Namespace) -> int:
