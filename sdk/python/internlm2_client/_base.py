@@ -146,6 +146,7 @@ class ClientBase:
     SERVICE_NAME: str = ""
     STUB: Callable | None = None
     CLIENT_KIND = "Client"  # first words of the generated class docstring
+    STREAM_TYPES: tuple = ()  # (plain, generation) stream wrappers of the transport
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -194,6 +195,15 @@ class ClientBase:
 
     def _deadline(self, timeout):
         return self._timeout if timeout is UNSET else timeout
+
+    def _open_stream(self, rpc: Rpc, request, timeout):
+        """A server-streaming call wrapped in this transport's stream type (``STREAM_TYPES``: plain,
+        generation)."""
+        plain, generation = self.STREAM_TYPES
+        call = self._rpc(rpc.method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        if rpc.stream == "generation":
+            return generation(call, request.request_id)
+        return plain(call, rpc.convert)
 
     def _rpc(self, method: str):
         return getattr(self._stub, method)

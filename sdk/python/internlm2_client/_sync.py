@@ -93,6 +93,8 @@ class GenerationStream(ServerStream[t.GenerateDelta], GenerationFold):
 class SyncClient(ClientBase):
     """The blocking transport: owns one grpc.Channel; context manager; `close()` releases it."""
 
+    STREAM_TYPES = (ServerStream, GenerationStream)  # this transport's stream wrappers (ClientBase)
+
     def _new_channel(self, config):
         return config.sync_channel()
 
@@ -101,12 +103,6 @@ class SyncClient(ClientBase):
             return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
-
-    def _open_stream(self, rpc: Rpc, request, timeout) -> ServerStream:
-        call = self._rpc(rpc.method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
-        if rpc.stream == "generation":
-            return GenerationStream(call, request.request_id)
-        return ServerStream(call, rpc.convert)
 
     @classmethod
     def _unary_method(cls, name: str, rpc: Rpc) -> Callable:

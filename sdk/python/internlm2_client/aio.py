@@ -112,6 +112,8 @@ class GenerationStream(ServerStream[t.GenerateDelta], GenerationFold):
 class AioClient(ClientBase):
     """The asyncio transport: owns one grpc.aio channel; `async with` or `await close()`."""
 
+    STREAM_TYPES = (ServerStream, GenerationStream)  # this transport's stream wrappers (ClientBase)
+
     CLIENT_KIND = "asyncio client"
 
     def _new_channel(self, config):
@@ -122,12 +124,6 @@ class AioClient(ClientBase):
             return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
-
-    def _open_stream(self, rpc: Rpc, request, timeout) -> ServerStream:
-        call = self._rpc(rpc.method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
-        if rpc.stream == "generation":
-            return GenerationStream(call, request.request_id)
-        return ServerStream(call, rpc.convert)
 
     @classmethod
     def _unary_method(cls, name: str, rpc: Rpc) -> Callable:
