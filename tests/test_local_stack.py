@@ -1,5 +1,6 @@
-"""`internlm2 up` in a subprocess: it makes a tiny model, starts Redis, the four services and a worker,
-prints the endpoints, answers through the SDK, and stops everything cleanly on SIGINT (Ctrl-C)."""
+"""`internlm2 up` in a subprocess: it makes a tiny model, starts Redis, the four services, the gateway and a
+worker, prints the endpoints, answers through the SDK and — the README's "Use it" example — through the
+official `openai` client and the playground page, and stops everything cleanly on SIGINT (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import psutil
 import pytest
 
@@ -52,7 +55,19 @@ def test_up_starts_everything_and_sigint_stops_it_cleanly():
             )
         with TrainingClient(up["training"]["address"], timeout=30) as training:
             assert "prepare_data" in {s.name for s in training.list_stages()}
-        pids = [up[name]["pid"] for name in ("tokenizer", "inference", "reward", "training", "worker")]
+        url = up["gateway"]["url"]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=8)
+        assert answer.usage.completion_tokens >= 1 and answer.choices[0].message.role == "assistant"
+        streamed = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=8, stream=True)
+        assert sum(1 for chunk in streamed if chunk.choices and chunk.choices[0].delta.content) >= 1
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and "InternLM2 playground" in page.text
+        assert httpx.get(url + "/ready").json()["status"] == "ready"
+        pids = [up[name]["pid"] for name in ("tokenizer", "inference", "reward", "training", "gateway", "worker")]
         assert all(psutil.pid_exists(pid) for pid in pids)
 
         proc.send_signal(signal.SIGINT)
