@@ -30,8 +30,8 @@ if torch.cuda.is_available():
 import internlm2.core, internlm2.plugins.trainer, internlm2_client  # the tree is importable
 PY
 run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"; }
-run cuda-tests 60 python3 -m pytest -q -x -k "cuda or triton" tests/test_kernels.py tests/test_engine_kernels.py \
-  tests/test_packed_attention.py -p no:cacheprovider
+run cuda-tests 60 python3 -m pytest -q -x -k "cuda or triton" tests/core/test_kernels.py tests/engine/test_engine_kernels.py \
+  tests/core/test_packed_attention.py -p no:cacheprovider
 run kernels 50 python3 benchmarks/bench_kernels.py
 run prefill 30 python3 benchmarks/bench_model.py --seq 2048
 run engine 100 python3 benchmarks/bench_engine.py --json "$OUT/engine.json"

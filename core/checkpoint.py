@@ -3,7 +3,7 @@
 Reads ``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``,
 and ``pytorch_model*.bin`` (+ index) with ``weights_only=True``. The model is built on the meta device,
 materialised once with ``to_empty`` and every tensor is copied into place one at a time, so peak memory
-is the model plus one tensor — never two copies of the weights (tests/test_checkpoint.py measures it).
+is the model plus one tensor — never two copies of the weights (tests/core/test_checkpoint.py measures it).
 ``load_weights_into`` does the copying, also into a model built under ``deepspeed.zero.Init`` (each rank
 keeps only its ZeRO-3 partition); ``ShardedWriter`` writes the official layout a tensor at a time.
 """

@@ -15,5 +15,5 @@ python -m pip install -q -e "./sdk/python[dev]" -e ".[test]"
 # browser of its own: `playwright install` is not used). Installed once, when missing; needs root.
 if ! command -v chromium >/dev/null 2>&1; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-    || echo "install.sh: could not install chromium; tests/test_playground.py will skip" >&2
+    || echo "install.sh: could not install chromium; tests/services/test_playground.py will skip" >&2
 fi

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Tests live in folders by area (core, engine, services, runtime, stages, sdk, deploy); the helpers they
+# share (services_fixtures, training_support, ...) stay here, importable from every folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference-data" / "internlm2"

@@ -1,4 +1,4 @@
-"""Shared by tests/test_deploy_*.py: render the Helm chart, load docker-compose.yml, read Dockerfiles.
+"""Shared by tests/deploy/test_deploy_*.py: render the Helm chart, load docker-compose.yml, read Dockerfiles.
 
 Everything here is offline: the chart renders through helm-python-sdk (Helm's Go SDK in a bundled shared
 library, no helm binary, no cluster), compose variables are interpolated the way Compose does for the
@@ -37,7 +37,7 @@ HEALTH_SERVICE = {"tokenizer": "internlm2.v1.TokenizerService", "inference": "in
 RELEASE, NAMESPACE = "demo", "llm"
 
 # Every engine setting of `internlm2 serve inference` (vLLM's flag names, CONTRACTS.md) as a chart
-# `inference.engine` map; tests/test_deploy_cli.py renders it and has the real CLI parse the result.
+# `inference.engine` map; tests/deploy/test_deploy_cli.py renders it and has the real CLI parse the result.
 ENGINE_EXAMPLE = {
     "maxNumSeqs": 128, "maxNumBatchedTokens": 8192, "blockSize": 16, "numGpuBlocksOverride": 4096,
     "gpuMemoryUtilization": 0.9, "kvCacheMemoryBytes": 34359738368, "maxQueueSize": 2048, "maxModelLen": 8192,
@@ -50,7 +50,7 @@ ENGINE_ARGS_EXAMPLE = ("--max-num-seqs 32 --max-num-batched-tokens 4096 --block-
 
 TOKEN = "t0ken-for-the-deploy-tests-4f1c9a"
 
-# Values sets the chart is rendered with (tests/test_deploy_helm.py, tests/test_deploy_cli.py).
+# Values sets the chart is rendered with (tests/deploy/test_deploy_helm.py, tests/deploy/test_deploy_cli.py).
 CHART_VALUES = {
     "default": {},
     # A GPU cluster set up by the NVIDIA GPU operator: runtime class, GFD node labels, 4-GPU workers,

@@ -6,7 +6,7 @@ they were filled: a rollout after an update that hit those blocks would conditio
 values. So :class:`RolloutEngine` keeps ONE engine for the whole run (the KV pool and, on CUDA, the decode
 graphs are built once) with prefix caching ON — the samples of a prompt share its blocks within a batch —
 and drops every cached prefix (``LLMEngine.reset_prefix_cache``) before each batch, when the weights
-may have changed since the last one (tests/test_rollout.py).
+may have changed since the last one (tests/stages/test_rollout.py).
 
 Under ZeRO-3 the actor's parameters are partitioned across ranks: there are no full weights to sample
 from. Then the engine runs on its own generation copy of the model (built once, in the training dtype, on

@@ -1,6 +1,6 @@
 """Runs jobs (pipelines of stages) on Celery workers and keeps their records in Redis.
 
-One module per part, no import cycle (tests/test_runtime_parts.py checks the import graph):
+One module per part, no import cycle (tests/runtime/test_runtime_parts.py checks the import graph):
 
     records     Job, StageRun, Artifact, JobEvent, JobState (JSON-safe, mirror training.proto)
     machine     the job state machine: pure transitions returning Effects (no Redis, no clock)

@@ -2,7 +2,7 @@
 
 Plain data, no torch: the CLI ships in the torch-free SDK, while EngineConfig lives in the platform
 (`internlm2.core.engine.params`). The platform's server builds its EngineConfig from the parsed flags by
-this same table (`engine_overrides`), and tests/test_engine_flags.py fails when an EngineConfig field
+this same table (`engine_overrides`), and tests/engine/test_engine_flags.py fails when an EngineConfig field
 has no row here, so a new engine setting cannot be left unreachable. Every flag defaults to None:
 unset means EngineConfig's own default. Helm (`inference.engine`, camelCase key -> `--kebab-case`) and
 compose (`INTERNLM2_ENGINE_ARGS`) pass these flags through as they are.

@@ -20,7 +20,8 @@ from internlm2.core.tokenizer import InternLM2Tokenizer
 from internlm2.plugins.contract import MemoryChannel, StageCancelled, StageConfigError, StageInputs, local_context
 from internlm2.plugins.stages.ppo import STAGE, PPORun, ptx_row_indices
 
-pytestmark = pytest.mark.timeout(600)  # CPU DeepSpeed runs; the shared 2-core machine can be slow
+# CPU DeepSpeed runs; the shared 2-core machine can be slow
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

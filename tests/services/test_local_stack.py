@@ -19,7 +19,7 @@ import pytest
 
 from internlm2_client import InferenceClient, RewardClient, TokenizerClient, TrainingClient
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 CLI = "import sys; from internlm2_client.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -118,7 +118,6 @@ def wait_until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(480)
 def test_up_restarts_a_dead_worker_and_every_child_dies_with_up_however_it_ends(tmp_path):
     """A ticker stage runs under `up`; its worker is killed (SIGKILL) and `up` starts another, which resumes

@@ -33,6 +33,7 @@ LOSSES = [2.75, 2.25, 1.875]
 MORE_LOSSES = [1.5, 1.25]
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.timeout(300),
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (scripts/install.sh)"),
 ]

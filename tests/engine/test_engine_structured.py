@@ -30,21 +30,6 @@ REGEX = r"[0-9]{3}-[a-z]{2,4}"
 GRAMMAR = 'root ::= ("yes" | "no") " " [0-9]'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok(official_tokenizer_path):
-    from internlm2.core.tokenizer import InternLM2Tokenizer
-
-    return InternLM2Tokenizer.from_pretrained(official_tokenizer_path)
-
-
 @pytest.fixture(scope="module")
 def engine(tok):
     model = random_model(InternLM2Config.preset("tiny"), seed=0)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 CLI = "import sys; from internlm2_client.cli import main; sys.exit(main(sys.argv[1:]))"
 

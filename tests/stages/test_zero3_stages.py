@@ -24,7 +24,7 @@ from internlm2.plugins.contract import StageInputs, local_context
 from internlm2.plugins.data.shards import ShardWriter
 from internlm2.plugins.registry import get_stage
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 # Forces the 7B path on a tiny model: every parameter partitioned, gathered and released per module.
 ZERO3 = {"zero_stage": 3, "zero3_param_persistence_threshold": 0, "zero3_max_live_parameters": 20_000,

@@ -24,7 +24,8 @@ from internlm2.plugins.registry import get_stage
 from internlm2.plugins.stages.rm_patch import STAGE as RM_PATCH
 from internlm2.plugins.stages.rm_patch import judge_pairs, load_judge
 
-pytestmark = pytest.mark.timeout(600)  # CPU DeepSpeed runs; the shared 2-core machine can be slow
+# CPU DeepSpeed runs; the shared 2-core machine can be slow
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 def apple_judge(row: dict) -> float:

@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def packages_on_disk(root: Path, prefix: str) -> set[str]:

@@ -21,15 +21,6 @@ pytestmark = pytest.mark.timeout(120)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: OpenMP threads only add contention on a shared 2-core box (and change nothing).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return random_model(InternLM2Config.preset("tiny"), seed=0)

@@ -18,7 +18,7 @@ from internlm2.plugins.contract import StageConfigError, StageInputs, local_cont
 from internlm2.plugins.data.shards import ShardWriter
 from internlm2.plugins.stages.long_context import STAGE
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 
 def long_documents(tokenizer, n: int, seed: int) -> list[list[int]]:

@@ -14,7 +14,7 @@ from internlm2.plugins.algorithms import metrics
 from internlm2.plugins.contract import StageConfigError, StageInputs, local_context
 from internlm2.plugins.stages.eval import STAGE
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")

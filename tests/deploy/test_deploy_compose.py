@@ -2,7 +2,7 @@
 development needs (profiles, GPU reservations, health-gated start order, read-only models).
 
 No Docker engine runs here; the schema is vendored in tests/data/compose-spec (see SOURCE.md there).
-The commands themselves are checked against the real CLI in tests/test_deploy_cli.py.
+The commands themselves are checked against the real CLI in tests/deploy/test_deploy_cli.py.
 """
 
 from __future__ import annotations

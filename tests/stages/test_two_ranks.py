@@ -21,7 +21,7 @@ from internlm2.plugins.data.formats import load_chat
 from internlm2.plugins.data.packing import pack_samples
 from internlm2.plugins.data.tokenize import tokenize_chat
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 ZERO3 = {"zero_stage": 3, "zero3_param_persistence_threshold": 0, "zero3_max_live_parameters": 20_000,
          "zero3_prefetch_bucket_size": 5_000, "zero_bucket_size": 20_000}
@@ -30,7 +30,7 @@ COMMON = {"max_length": 32, "lr": 1e-3, "max_steps": 1, "shuffle": False, "check
 
 
 def run_two_ranks(base, data, out, config: dict, stage: str = "sft") -> list[dict]:
-    """Both ranks' JSON lines of tests/two_rank_sft.py (two processes, one gloo group)."""
+    """Both ranks' JSON lines of tests/stages/two_rank_sft.py (two processes, one gloo group)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "LOCAL_WORLD_SIZE": "2"}
     script = Path(__file__).with_name("two_rank_sft.py")

@@ -7,7 +7,6 @@ import asyncio
 import time
 
 import pytest
-import torch
 
 from internlm2.core import InternLM2Config, greedy_generate, random_model
 from internlm2.core.engine import (
@@ -22,21 +21,6 @@ from internlm2.core.engine import (
 pytestmark = pytest.mark.timeout(120)
 
 PROMPT_TEXT = "Hello world, this is a test"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok(official_tokenizer_path):
-    from internlm2.core.tokenizer import InternLM2Tokenizer
-
-    return InternLM2Tokenizer.from_pretrained(official_tokenizer_path)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from internlm2.plugins.contract import (
 from internlm2.plugins.registry import get_stage
 from internlm2.plugins.stages.sft import answer_distribution_divergence
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")

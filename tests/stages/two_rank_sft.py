@@ -1,6 +1,6 @@
-"""One rank of a 2-process stage run (tests/test_two_ranks.py starts two of these with RANK/WORLD_SIZE set).
+"""One rank of a 2-process stage run (tests/stages/test_two_ranks.py starts two of these with RANK/WORLD_SIZE set).
 
-    python tests/two_rank_sft.py BASE DATA OUT_DIR CONFIG_JSON [STAGE]
+    python tests/stages/two_rank_sft.py BASE DATA OUT_DIR CONFIG_JSON [STAGE]
 
 Runs the real stage (default sft; its data field is "data", DPO's "train_data") on this rank (gloo,
 DeepSpeed on CPU) and prints one JSON line: the first step's metrics and the stage's log lines (rank 0's

@@ -29,7 +29,7 @@ from internlm2.plugins.runtime.pipeline import validate_pipeline
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OURS = ("prepare_data", "pretrain", "sft")
 BUILTIN = (*OURS, "reward_model", "dpo", "ppo", "long_context", "eval")
 

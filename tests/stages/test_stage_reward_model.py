@@ -17,7 +17,7 @@ from internlm2.plugins.algorithms.models import reward_model_from_trunk
 from internlm2.plugins.contract import StageConfigError, StageInputs, local_context
 from internlm2.plugins.stages.reward_model import STAGE
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")

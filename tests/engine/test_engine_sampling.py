@@ -33,14 +33,6 @@ CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46}
 N_DRAWS = 40_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     """(statistic, df) of sampled ``tokens`` against ``probs``; asserts zero-probability tokens never occur."""
     counts = torch.bincount(tokens, minlength=len(probs)).double()

@@ -24,7 +24,7 @@ from internlm2.plugins.runtime.dispatch import FailingDispatcher, RecordingDispa
 from internlm2.plugins.runtime.jobs import JobFinishedError, JobState, JobStore
 from internlm2.plugins.runtime.tasks import EXIT_BEFORE_DISPATCH, FAILPOINT_EXIT_CODE
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,6 @@ def test_cancel_running_and_queued_jobs_within_seconds(store, workers, assets):
     assert all(e.data["state"] != "RUNNING" for e in store.events(queued.job_id) if e.kind == "state")
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(360)  # two DeepSpeed runs of 120 steps and a lease expiry, on a loaded 2-core box
 def test_killed_worker_resumes_elsewhere_and_redelivery_never_runs_twice(store, workers, assets):
     # A short visibility timeout makes Redis redeliver the running stage's message to the idle

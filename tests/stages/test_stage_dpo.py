@@ -15,7 +15,7 @@ from internlm2.plugins.algorithms.logprobs import right_pad, sequence_logprobs, 
 from internlm2.plugins.contract import StageInputs, local_context
 from internlm2.plugins.stages.dpo import STAGE
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 
 def response_logprob(model, tokenizer, pair: dict, key: str) -> float:
