@@ -72,6 +72,7 @@ from ..algorithms.rollout import Rollout, RolloutEngine, collate_rollouts
 from ..algorithms.similarity import rouge_l_batch
 from ..contract import ArtifactKind, Stage, StageCancelled, StageContext
 from ..trainer import (
+    apply_lora,
     build_engine,
     engine_forward,
     export_model,
@@ -254,7 +255,9 @@ class PPORun:
                                        cfg.ptx_seq_len + 1)
 
         # The trained pair, built where they train (partitioned under ZeRO-3) in the training dtype.
-        self.actor = load_causal_lm(actor_dir, cfg)
+        # lora_rank > 0: adapters on the actor only (the critic, a new head on the RM, trains in full);
+        # rollouts sample through the adapters, and final/ is written merged in the official layout.
+        self.actor = apply_lora(load_causal_lm(actor_dir, cfg), cfg)
         self.critic = load_reward_model(critic_dir, None, cfg)
         if self.critic.config.vocab_size != self.actor.config.vocab_size:
             raise ValueError("critic: its vocabulary differs from the actor's; they must share a tokenizer")

@@ -177,6 +177,29 @@ def test_ppo_under_zero3_partitions_gathers_for_rollouts_and_exports(world, tmp_
     assert summary["score_last"] == pytest.approx(history[-1]["score"])
 
 
+
+def test_ppo_actor_with_lora_trains_only_adapters_and_exports_merged(world, tmp_path):
+    config = {"reward_model": str(world / "rm"), "prompts": str(world / "prompts.jsonl"), "max_steps": 2,
+              "critic_warmup_iterations": 1, "rollout_batch_size": 4, "minibatch_size": 4, "lr": 1e-2,
+              "critic_lr": 1e-3, "max_new_tokens": 4, "max_prompt_length": 64, "checkpoint_every": 0,
+              "lora_rank": 4, "lora_target_modules": ["wqkv", "w2"]}
+    ctx = local_context(STAGE, config, tmp_path / "out", inputs=StageInputs(checkpoints={"base": world / "sft"}))
+    ppo = PPORun(ctx)
+    try:
+        trained = {n for n, p in ppo.actor.named_parameters() if p.requires_grad}
+        assert trained and all("lora_" in n for n in trained)
+        assert all(p.requires_grad for p in ppo.critic.parameters())  # the critic trains in full
+        ppo.run()
+    finally:
+        ppo.close()
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert [h["actor_updated"] for h in history] == [0.0, 1.0]
+    final = dict(InternLM2ForCausalLM.from_pretrained(tmp_path / "out" / "final").named_parameters())
+    start = dict(InternLM2ForCausalLM.from_pretrained(world / "sft").named_parameters())
+    assert final.keys() == start.keys()  # merged back under the official names
+    changed = {n for n in final if not torch.equal(final[n], start[n])}
+    assert changed and all(n.endswith(("wqkv.weight", "w2.weight")) for n in changed)
+
 def test_ptx_rows_differ_across_ranks_within_a_step():
     world = 4
     seen = [i for rank in range(world) for i in ptx_row_indices(7, rank, world, 2, 1000)]
