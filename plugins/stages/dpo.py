@@ -23,11 +23,12 @@ from pydantic import Field
 from internlm2.core import InternLM2ForCausalLM
 
 from ..algorithms import preference
-from ..algorithms.datasets import read_preference_pairs, split_holdout
+from ..algorithms.datasets import split_holdout
 from ..algorithms.dpo_loss import dpo_loss
 from ..algorithms.logprobs import sequence_logprobs
 from ..algorithms.models import freeze, frozen_dtype
 from ..contract import Stage, StageContext
+from ..data.preference_rows import preference_rows
 from ..trainer import (
     apply_lora,
     engine_forward,
@@ -54,10 +55,11 @@ class DPOConfig(PreferenceDataConfig):
     lr: float = Field(5e-7, gt=0, le=1.0, description="Peak learning rate.")
 
 
-def dpo_batches(tokenizer, pairs: Sequence[preference.PreferencePair], cfg: DPOConfig) -> tuple[list[dict], int]:
+def dpo_batches(tokenizer, pairs: Sequence[tuple[list[int], list[int], list[int]]],
+                cfg: DPOConfig) -> tuple[list[dict], int]:
+    """Micro-batches of encoded pairs (``preference_rows(..., "dpo")`` items); skipped (too long) count."""
     items, skipped = [], 0
-    for pair in pairs:
-        prompt, chosen, rejected = preference.dpo_pair_ids(tokenizer, pair)
+    for prompt, chosen, rejected in pairs:
         if len(prompt) + max(len(chosen), len(rejected)) > cfg.max_length:
             skipped += 1
             continue
@@ -137,9 +139,12 @@ def run(ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(model_dir)
     device = ctx.device
 
-    pairs = read_preference_pairs(ctx.resolve(cfg.train_data, "dataset"))
+    def read(ref: str) -> list:  # a prepare_data folder (tokenised once) or JSONL: the same ids
+        return list(preference_rows(tokenizer, ctx.resolve(ref, "dataset"), "dpo")[0])
+
+    pairs = read(cfg.train_data)
     if cfg.eval_data:
-        held_out = read_preference_pairs(ctx.resolve(cfg.eval_data, "dataset"))
+        held_out = read(cfg.eval_data)
     else:
         pairs, held_out = split_holdout(pairs, cfg.eval_fraction, cfg.seed, minimum=1 if cfg.eval_fraction else 0)
     random.Random(cfg.seed).shuffle(pairs)  # files are often grouped by domain; batches should mix them

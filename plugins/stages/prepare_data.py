@@ -11,6 +11,11 @@ best-fit decreasing (O(n log n)) into int32 rows of ``max_length`` (``input_ids`
 memory maps); ``sft`` given that folder as its data reads the rows on every rank without tokenising or
 packing again.
 
+``format: preference``: ``{"prompt", "chosen", "rejected", "condition"?}`` JSONL (FORMATS.md) is tokenised
+once for both preference stages — DPO's prompt/response ids and the reward model's conditioned sequences
+(default condition table) — into int32 memory maps (``data.preference_rows``); ``dpo`` and
+``reward_model`` given that folder as train_data/eval_data read the ids without tokenising again.
+
 Resume: the output is deterministic; a finished folder (meta.json present) is reused, a partial one
 is rebuilt.
 """
@@ -26,7 +31,8 @@ from typing import Literal
 from pydantic import Field
 
 from ..contract import ArtifactKind, Stage, StageConfig, StageContext
-from ..data.formats import check_chat, check_text, read_jsonl
+from ..data.formats import check_chat, check_preference, check_text, read_jsonl
+from ..data.preference_rows import write_preference_rows
 from ..data.shards import ShardWriter, write_packed_rows
 from ..data.tokenize import tokenize_chat, tokenize_text
 
@@ -36,8 +42,9 @@ class PrepareDataConfig(StageConfig):
 
     sources: list[str] = Field(..., min_length=1, description="JSONL ({\"text\"} or {\"messages\"}) / .txt "
                                "files or folders; paths or references (input:NAME).")
-    format: Literal["text", "chat"] = Field("text", description="text: token shards (pretrain, long_context); "
-                                            "chat: SFT rows packed once (sft reads the folder).")
+    format: Literal["text", "chat", "preference"] = Field(
+        "text", description="text: token shards (pretrain, long_context); chat: SFT rows packed once (sft reads "
+        "the folder); preference: pairs tokenised once for dpo and reward_model (they read the folder).")
     max_length: int = Field(2048, ge=16, description="format chat: tokens per packed row (sft's max_length).")
     tokenizer: str | None = Field(None, description="Checkpoint or tokenizer folder (path or reference); "
                                   "default: the previous stage's checkpoint or the job input 'base'.")
@@ -85,6 +92,34 @@ def _prepare_chat(ctx: StageContext, cfg: PrepareDataConfig, tok, files: list[Pa
             "fill": float(meta["fill"]), "duplicates_removed": float(dups)}
 
 
+def _prepare_preference(ctx: StageContext, cfg: PrepareDataConfig, tok, files: list[Path],
+                        out: Path) -> dict[str, float]:
+    from ..algorithms.preference import DEFAULT_CONDITIONS, parse_pair
+
+    pairs, seen = [], set()
+    dups = 0
+    for k, path in enumerate(files):
+        for where, record in read_jsonl(path):
+            ctx.raise_if_cancelled()
+            pair = parse_pair(check_preference(record, where), where)
+            if cfg.dedup:
+                digest = _digest(json.dumps(pair.__dict__, sort_keys=True, ensure_ascii=False))
+                if digest in seen:
+                    dups += 1
+                    continue
+                seen.add(digest)
+            pairs.append(pair)
+        ctx.report_progress(k + 1, len(files), pairs=len(pairs), duplicates=dups)
+    if not pairs:
+        raise ValueError("sources: no preference pair to prepare")
+    meta = write_preference_rows(out, tok, pairs, DEFAULT_CONDITIONS, duplicates_removed=dups,
+                                 sources=[str(f) for f in files])
+    ctx.log(f"{meta['num_pairs']} preference pairs tokenised once ({meta['num_tokens']} tokens), "
+            f"{dups} duplicates removed, {len(meta['dpo_errors'])} unusable for DPO")
+    return {"pairs": float(meta["num_pairs"]), "tokens": float(meta["num_tokens"]),
+            "duplicates_removed": float(dups)}
+
+
 def _documents(path: Path):
     if path.suffix == ".txt":
         yield path.read_text(encoding="utf-8")
@@ -110,8 +145,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     files = [f for src in cfg.sources for f in _files(ctx.resolve(src, "dataset"))]
     if out.exists():
         shutil.rmtree(out)
-    if cfg.format == "chat":
-        result = _prepare_chat(ctx, cfg, tok, files, out)
+    if cfg.format in ("chat", "preference"):
+        prepare = _prepare_chat if cfg.format == "chat" else _prepare_preference
+        result = prepare(ctx, cfg, tok, files, out)
         ctx.add_artifact("dataset", out, ArtifactKind.OTHER)
         return result
     writer = ShardWriter(out, cfg.shard_tokens)
@@ -143,8 +179,9 @@ def run(ctx: StageContext) -> dict[str, float]:
 STAGE = Stage(
     name="prepare_data",
     description="Tokenise text/code/long-document corpora into memory-mapped token shards with exact-"
-    "duplicate removal (pretrain and long_context pack them into fixed-length rows), or chat data into "
-    "SFT rows packed once (best-fit decreasing) that sft reads memory-mapped.",
+    "duplicate removal (pretrain and long_context pack them into fixed-length rows), chat data into "
+    "SFT rows packed once (best-fit decreasing) that sft reads memory-mapped, or preference pairs into "
+    "token ids that dpo and reward_model read memory-mapped.",
     config_model=PrepareDataConfig,
     run=run,
     queue="gpu",

@@ -24,9 +24,10 @@ import torch
 from pydantic import Field
 
 from ..algorithms import preference
-from ..algorithms.datasets import read_preference_pairs, split_holdout
+from ..algorithms.datasets import split_holdout
 from ..algorithms.reward_loss import reward_model_loss
 from ..contract import Stage, StageContext
+from ..data.preference_rows import preference_rows, reward_ids
 from ..trainer import apply_lora, load_reward_model, load_tokenizer, run_deepspeed_training, save_final_checkpoint
 from ..trainer.config import TrainingConfig
 
@@ -35,7 +36,8 @@ class PreferenceDataConfig(TrainingConfig):
     """Preference data fields shared by the reward_model and dpo stages."""
 
     train_data: str = Field(..., description="Preference JSONL (file or folder): {prompt, chosen, rejected, "
-                            "condition?} with OpenAI-style messages; a reference (input:NAME, stage:NAME) or path.")
+                            "condition?} with OpenAI-style messages, or a prepare_data folder (format preference); "
+                            "a reference (input:NAME, stage:NAME) or path.")
     eval_data: str | None = Field(None, description="Held-out preference JSONL; default: eval_fraction of train_data.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of train_data held out when eval_data is unset.")
     max_length: int = Field(2048, ge=8, description="Longest sequence in tokens; longer pairs are skipped (counted).")
@@ -72,16 +74,16 @@ def pair_batches(tokenizer, pairs: Sequence[preference.PreferencePair], reward_t
                  conditions: dict[str, str], default_condition: str | None, max_length: int,
                  pairs_per_batch: int, batch_tokens: int | None) -> tuple[list[dict], int]:
     """Micro-batches {"input_ids", "padding_mask"} (chosen rows, then rejected rows); skipped count."""
-    encoded = []
-    skipped = 0
-    for pair in pairs:
-        if pair.condition is None and default_condition:
-            pair = preference.PreferencePair(pair.prompt, pair.chosen, pair.rejected, default_condition)
-        chosen, rejected = preference.reward_pair_ids(tokenizer, pair, reward_token_id, conditions)
-        if max(len(chosen), len(rejected)) > max_length:
-            skipped += 1
-            continue
-        encoded.append((chosen, rejected))
+    encoded = [reward_ids(tokenizer, pair, reward_token_id, conditions, default_condition) for pair in pairs]
+    return reward_batches(tokenizer, encoded, max_length=max_length, pairs_per_batch=pairs_per_batch,
+                          batch_tokens=batch_tokens)
+
+
+def reward_batches(tokenizer, items: Sequence[tuple[list[int], list[int]]], *, max_length: int,
+                   pairs_per_batch: int, batch_tokens: int | None) -> tuple[list[dict], int]:
+    """:func:`pair_batches` of encoded pairs (``preference_rows(..., "reward")`` items)."""
+    encoded = [(c, r) for c, r in items if max(len(c), len(r)) <= max_length]
+    skipped = len(items) - len(encoded)
     groups = preference.plan_batches([max(len(c), len(r)) for c, r in encoded], pairs_per_batch, batch_tokens)
     batches = []
     for group in groups:
@@ -138,17 +140,21 @@ def run(ctx: StageContext) -> dict[str, float]:
     model = apply_lora(load_reward_model(model_dir, reward_token_id, cfg), cfg)
     ctx.log(f"reward model from {model_dir}: reward_token_id {model.config.reward_token_id}")
 
-    pairs = read_preference_pairs(ctx.resolve(cfg.train_data, "dataset"))
+    rid = model.config.reward_token_id
+
+    def read(ref: str) -> list:  # a prepare_data folder (tokenised once) or JSONL: the same ids
+        return list(preference_rows(tokenizer, ctx.resolve(ref, "dataset"), "reward", reward_token_id=rid,
+                                    conditions=cfg.conditions, default_condition=cfg.default_condition)[0])
+
+    pairs = read(cfg.train_data)
     if cfg.eval_data:
-        held_out = read_preference_pairs(ctx.resolve(cfg.eval_data, "dataset"))
+        held_out = read(cfg.eval_data)
     else:
         pairs, held_out = split_holdout(pairs, cfg.eval_fraction, cfg.seed, minimum=1 if cfg.eval_fraction else 0)
     random.Random(cfg.seed).shuffle(pairs)  # files are often grouped by domain; batches should mix them
-    rid = model.config.reward_token_id
-    batching = {"conditions": cfg.conditions, "default_condition": cfg.default_condition,
-                "max_length": cfg.max_length, "pairs_per_batch": cfg.pairs_per_batch, "batch_tokens": cfg.batch_tokens}
-    train_batches, skipped = pair_batches(tokenizer, pairs, rid, **batching)
-    eval_batches, _ = pair_batches(tokenizer, held_out, rid, **batching)
+    batching = {"max_length": cfg.max_length, "pairs_per_batch": cfg.pairs_per_batch, "batch_tokens": cfg.batch_tokens}
+    train_batches, skipped = reward_batches(tokenizer, pairs, **batching)
+    eval_batches, _ = reward_batches(tokenizer, held_out, **batching)
     if not train_batches:
         raise ValueError(f"train_data: no pair fits max_length={cfg.max_length} ({skipped} skipped)")
     ctx.log(f"{len(pairs) - skipped} training pairs in {len(train_batches)} micro-batches, {skipped} too long; "
