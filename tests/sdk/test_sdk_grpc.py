@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import shutil
 import socket
-import subprocess
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
+from certificates import make_certificates
 from sdk_fakes import FakePlatform
 
 import internlm2_client as ic
@@ -448,73 +448,19 @@ def test_bearer_token_is_sent_and_a_missing_one_is_unauthenticated():
         p.stop()
 
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not available to make test certificates")
 def test_mutual_tls(tmp_path):
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-        cwd=tmp_path,
-    )
-    for name in ("server", "client"):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}.test",
-            "-addext",
-            f"subjectAltName=DNS:{name}.test",
-            cwd=tmp_path,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-copy_extensions",
-            "copyall",
-            "-out",
-            f"{name}.pem",
-            cwd=tmp_path,
-        )
-    read = lambda n: (tmp_path / n).read_bytes()
+    certs = make_certificates(tmp_path)
+    read = lambda key: Path(certs[key]).read_bytes()
     creds = grpc.ssl_server_credentials(
-        [(read("server.key"), read("server.pem"))], root_certificates=read("ca.pem"), require_client_auth=True
+        [(read("server_key"), read("server_cert"))], root_certificates=read("ca"), require_client_auth=True
     )
     p = FakePlatform(server_credentials=creds).start()
     try:
-        tls = dict(root_certificates=tmp_path / "ca.pem", server_name="server.test", **NO_RETRY)
+        tls = dict(root_certificates=Path(certs["ca"]), server_name="localhost", **NO_RETRY)
         with ic.InferenceClient(
             p.address,
-            client_certificate=tmp_path / "client.pem",
-            client_key=str(tmp_path / "client.key"),
+            client_certificate=Path(certs["client_cert"]),
+            client_key=certs["client_key"],
             **tls,
         ) as client:
             assert client.model_info().model_name == "fake-internlm2"
