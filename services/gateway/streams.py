@@ -166,7 +166,7 @@ class ChatChunker(_Chunker):
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def on_delta(self, delta) -> list[dict]:
-        i = delta.index if hasattr(delta, "index") else 0
+        i = delta.index
         if self.tools_offered and (self.action_start_id is None or self.action_start_id in delta.token_ids):
             # From the call block on, the text is the call's JSON: it leaves as tool_calls at the end.
             self.held.add(i)

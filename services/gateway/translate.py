@@ -22,12 +22,6 @@ from internlm2.v1 import common_pb2, inference_pb2
 from .errors import ApiError, ProtoPaths
 from .schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest, SamplingFields, ToolDef
 
-_SAMPLING_FIELDS = inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name
-# Features of the inference API that arrived later than the rest: sibling completions and
-# constrained decoding. Read from the proto descriptor, so the gateway follows the API it was built with.
-HAS_N = "n" in _SAMPLING_FIELDS
-HAS_STRUCTURED_OUTPUT = "structured_output" in _SAMPLING_FIELDS
-
 # OpenAI / vLLM parameter -> SamplingParams field with the same meaning and value.
 DIRECT = {
     "temperature": "temperature",
@@ -41,9 +35,8 @@ DIRECT = {
     "min_tokens": "min_new_tokens",
     "ignore_eos": "ignore_eos",
     "skip_special_tokens": "skip_special_tokens",
+    "n": "n",
 }
-if HAS_N:
-    DIRECT["n"] = "n"
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_EOS: "stop",
@@ -58,8 +51,6 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
     """The request's SamplingParams message; unset parameters stay unset (the engine's defaults apply)."""
     for param, reason in req.unsupported():
         raise ApiError.unsupported(param, reason)
-    if (req.n or 1) > 1 and not HAS_N:
-        raise ApiError.unsupported("n", "only 1 is supported by this inference service")
     msg = inference_pb2.SamplingParams()
     for param, field in DIRECT.items():
         value = getattr(req, param, None)
@@ -175,8 +166,6 @@ def structured_output(req: ChatCompletionRequest):
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
         return None
-    if not HAS_STRUCTURED_OUTPUT:
-        raise ApiError.unsupported("response_format", f"{fmt.type!r} is not supported by this inference service")
     if fmt.type == "json_object":
         return inference_pb2.StructuredOutput(json_object=True)
     if fmt.json_schema is None:

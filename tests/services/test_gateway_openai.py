@@ -15,8 +15,6 @@ import pytest
 from gateway_fixtures import BackgroundGateway, gateway_config, start_model_services
 from services_fixtures import wait_for
 
-from internlm2.services.gateway.translate import HAS_N, HAS_STRUCTURED_OUTPUT
-
 pytestmark = pytest.mark.timeout(240)
 
 MODEL = "tiny-chat"
@@ -124,7 +122,6 @@ def test_logprobs_and_top_logprobs(client):
     assert without.choices[0].logprobs is None
 
 
-@pytest.mark.skipif(not HAS_N, reason="this inference proto has no SamplingParams.n")
 def test_n_three_siblings_unary_and_streamed(client):
     kwargs = dict(model=MODEL, messages=HELLO, max_tokens=8, temperature=1.0, seed=7)
     result = client.chat.completions.create(n=3, **kwargs)
@@ -172,7 +169,6 @@ def test_stop_strings_end_the_answer(client):
     assert stopped.choices[0].message.content == text[: text.index(stop)]
 
 
-@pytest.mark.skipif(not HAS_STRUCTURED_OUTPUT, reason="this inference proto has no structured output")
 def test_response_format_json_schema_output_validates(client):
     schema = {
         "type": "object",
@@ -263,7 +259,6 @@ def test_a_client_that_gives_up_on_a_unary_answer_frees_its_engine_work(gateway,
     assert engine.stats().num_generated_tokens - generated_before < 400
 
 
-@pytest.mark.skipif(not HAS_STRUCTURED_OUTPUT, reason="this inference proto has no structured output")
 def test_response_format_json_object_constrains_the_output(client):
     """A random model inside an open JSON object may write one string until max_tokens (nothing bounds it, unlike
     a schema's enum): what is checked is that the output is a JSON object, or a prefix of one, where the same
