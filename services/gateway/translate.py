@@ -221,27 +221,8 @@ def completion_param_of(req: CompletionRequest):
 
 
 def choices_of(result) -> list:
-    """GenerateResponse / GenerateFinal -> its per-sibling choices. A service that predates ``choices``
-    filled only the top-level fields: that is choice 0."""
-    if getattr(result, "choices", None):
-        return list(result.choices)
-    fields = {
-        "finish_reason": result.finish_reason,
-        "stop_reason": result.stop_reason,
-        "tool_calls": result.tool_calls,
-        "raw_text": result.raw_text,
-        "content": result.content,
-        "completion_tokens": result.usage.completion_tokens,
-    }
-    if isinstance(result, inference_pb2.GenerateResponse):
-        fields.update(text=result.text, token_ids=result.token_ids, logprobs=result.logprobs)
-    return [_Choice(index=0, **fields)]
-
-
-class _Choice:
-    def __init__(self, index=0, text="", token_ids=(), logprobs=(), **fields):
-        self.index, self.text, self.token_ids, self.logprobs = index, text, token_ids, logprobs
-        self.__dict__.update(fields)
+    """GenerateResponse / GenerateFinal -> its per-sibling choices (the service always fills them)."""
+    return list(result.choices)
 
 
 def finish_reason(choice, tools_offered: bool) -> str:
