@@ -64,14 +64,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.live: set[str] = set()
 
     # ---- shared by Generate and GenerateStream ------------------------------------------------------
-    def _prepare(self, request) -> tuple[str, Prompt, SamplingParams]:
+    async def _prepare(self, request) -> tuple[str, Prompt, SamplingParams]:
         """Id, prompt ids and (unvalidated) params: the engine validates them, once, when the call starts
-        (a duplicate live id included)."""
+        (a duplicate live id included). Tokenizing a prompt of many MiB takes seconds, so it runs off the
+        event loop; the id is chosen on the loop, after it, with no await before ``_outputs`` claims it in
+        ``live`` — so concurrent calls sharing an x-request-id cannot pick the same one."""
+        prompt = await asyncio.to_thread(prompt_from_request, request, self.tokenizer)
+        params = sampling_from_proto(request.sampling, SamplingParams, StructuredOutput)
         request_id = request.request_id or current_request_id() or new_request_id()
         if not request.request_id and request_id in self.live:  # a client reusing its x-request-id
             request_id = new_request_id()
-        prompt = prompt_from_request(request, self.tokenizer)
-        params = sampling_from_proto(request.sampling, SamplingParams, StructuredOutput)
         return request_id, prompt, params
 
     async def _outputs(self, request_id: str, prompt: Prompt, params, context):
@@ -114,9 +116,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request, context):
-        # Tokenizing a prompt of many MiB takes seconds: off the event loop, so health checks and
-        # other streams keep being answered (to_thread copies the request-id context).
-        request_id, prompt, params = await asyncio.to_thread(self._prepare, request)
+        request_id, prompt, params = await self._prepare(request)
         completion = Completion(self.tokenizer, request_id, prompt.token_ids, n=params.num_sequences, keep=params.n)
         async with contextlib.aclosing(self._outputs(request_id, prompt, params, context)) as outputs:
             async for out in outputs:
@@ -124,7 +124,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return completion.response()
 
     async def GenerateStream(self, request, context):
-        request_id, prompt, params = await asyncio.to_thread(self._prepare, request)
+        request_id, prompt, params = await self._prepare(request)
         if params.best_of is not None and params.best_of > params.n:
             raise ServiceError.invalid_argument(
                 "sampling.best_of", "best_of > n needs Generate: which completions are best is known only at the end"

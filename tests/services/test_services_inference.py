@@ -403,6 +403,23 @@ def test_duplicate_live_request_id_is_rejected(server, client):
     assert_engine_idle(server)
 
 
+
+def test_concurrent_calls_sharing_an_x_request_id_each_get_their_own_id(server):
+    """The gateway sends one x-request-id with every prompt of a batch: each call must get a live id of its
+    own (one keeps the header's, the others fresh ones), never ALREADY_EXISTS for a header it did not set."""
+    import grpc
+
+    from internlm2.v1 import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        sampling = inference_pb2.SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+        calls = [stub.Generate.future(inference_pb2.GenerateRequest(prompt=f"shared header {i}", sampling=sampling),
+                                      metadata=[("x-request-id", "one-header")], timeout=60) for i in range(8)]
+        ids = [call.result().request_id for call in calls]
+    assert len(set(ids)) == 8 and "one-header" in ids
+    assert_engine_idle(server)
+
 # ---- metrics ---------------------------------------------------------------------------------------------------
 def test_vllm_style_metrics(server, client, checkpoint):
     client.generate("metrics please", max_new_tokens=4, temperature=0.0, ignore_eos=True)
