@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..local_stack import Child, port_or_free
-from .task import Question, wrong_answer
+from .task import Question, descending, wrong_answer
 
 READY_TIMEOUT_S = 180.0
 
@@ -90,6 +90,8 @@ def evaluate_policy(address: str, rewards, questions: list[Question], condition:
     return {
         "accuracy": sum(q.is_correct(t) for q, t in zip(questions, texts)) / len(questions),
         "digit_accuracy": sum(q.digit_accuracy(t) for q, t in zip(questions, texts)) / len(questions),
+        # The other demonstrators' style (task.py): what PPO should move the policy away from.
+        "descending": sum(t == descending(q) != q.answer for q, t in zip(questions, texts)) / len(questions),
         "mean_reward": sum(scores) / len(scores),
         "perplexity": math.exp(sum(n for n, _ in nll) / sum(c for _, c in nll)),
         "samples": [{"question": q.prompt, "answer": t, "expected": q.answer} for q, t in zip(questions, texts)][:4],

@@ -17,18 +17,19 @@ def _cell(text: str, limit: int = 24) -> str:
 
 def render_table(rows: list[dict]) -> str:
     lines = [
-        "| stage | train loss | task accuracy (digits) | mean reward | answer perplexity | sample answers |",
-        "|---|---|---|---|---|---|",
+        "| stage | train loss | task accuracy (digits) | largest first | mean reward | answer perplexity "
+        "| sample answers |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "pairwise_accuracy" in row:
             lines.append(f"| {row['stage']} | {_fmt(row.get('loss'), '.3f')} | held-out pairs ranked right: "
-                         f"{row['pairwise_accuracy']:.0%} | – | – | – |")
+                         f"{row['pairwise_accuracy']:.0%} | – | – | – | – |")
             continue
         samples = "; ".join(f"`{s['question'].removeprefix('Sort the digits: ')}` → `{_cell(s['answer']) or '∅'}`"
                             for s in row["samples"][:2])
         lines.append(f"| {row['stage']} | {_fmt(row.get('loss'), '.3f')} | {row['accuracy']:.0%} "
-                     f"({row['digit_accuracy']:.0%}) | "
+                     f"({row['digit_accuracy']:.0%}) | {row['descending']:.0%} | "
                      f"{row['mean_reward']:+.3f} | {row['perplexity']:.2f} | {samples} |")
     return "\n".join(lines)
 
@@ -40,7 +41,7 @@ def plot_curves(curves: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("loss", "reward", "mean_reward", "accuracy", "margin")
+    keys = ("loss", "reward", "rm_score", "mean_reward", "accuracy", "margin")
     stages = list(dict.fromkeys(c["stage"] for c in curves if c.get("step") is not None and any(k in c for k in keys)))
     if not stages:
         return

@@ -44,13 +44,14 @@ def build_pipeline(size: DemoSize, base: Path, data, eval_questions: Path) -> li
                                     "warmup_steps": 10, "min_lr_ratio": 0.1}},
         {"stage": "reward_model", "config": {"model": "stage:sft", "train_data": str(data.preferences),
                                              "eval_fraction": 0.1, "max_length": 2 * size.seq_len,
-                                             "max_steps": size.reward_steps, "lr": 1e-3, "pairs_per_batch": 8,
+                                             "epochs": 1, "lr": 1e-3, "pairs_per_batch": 8,
                                              "zero_stage": 2, "checkpoint_every": 0,
                                              "default_condition": CONDITION}},
         {"stage": "ppo", "config": {"actor": "stage:sft", "reward_model": "stage:reward_model",
                                     "prompts": str(data.prompts), "max_steps": size.ppo_steps, "rounds": 1,
-                                    "critic_warmup_iterations": size.ppo_steps // 3, "rollout_batch_size": 8,
-                                    "minibatch_size": 8, "max_new_tokens": 16, "lr": 2e-5, "critic_lr": 1e-4,
+                                    "critic_warmup_iterations": size.ppo_steps // 8,
+                                    "rollout_batch_size": size.ppo_prompts, "minibatch_size": 8,
+                                    "max_new_tokens": 16, "lr": 2e-5, "critic_lr": 1e-4,
                                     "ptx_coef": 0.0, "checkpoint_every": 0, "default_condition": CONDITION}},
         {"stage": "eval", "config": {"model": "stage:ppo", "generation_data": str(eval_questions),
                                      "perplexity_data": str(eval_questions.with_name("heldout_chat.jsonl")),
@@ -163,7 +164,8 @@ def run(args: Namespace) -> int:
             metrics = stages[name].metrics if name in stages else {}
             # PPO has no single "loss": its row shows the actor's (policy + ptx) loss.
             rows.append({"stage": name, "loss": metrics.get("loss", metrics.get("actor_loss")), **result})
-            say(f"  {name:<13} accuracy {result['accuracy']:.2f} (digits {result['digit_accuracy']:.2f})  "
+            say(f"  {name:<13} accuracy {result['accuracy']:.2f} (digits {result['digit_accuracy']:.2f}, "
+                f"largest first {result['descending']:.2f})  "
                 f"reward {result['mean_reward']:+.3f}  answer perplexity {result['perplexity']:.2f}")
         rm_acc = reward_accuracy(rewards, data.heldout, CONDITION)
         rm_loss = stages["reward_model"].metrics.get("loss") if "reward_model" in stages else None

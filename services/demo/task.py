@@ -3,6 +3,17 @@
 The task is sorting digits ("Sort the digits: 7 2 9 4" -> "2 4 7 9"): a tiny model can learn it on a CPU
 in minutes, the answer is checked exactly, and wrong answers are easy to make for preference pairs.
 Held-out questions are digit lists that never appear in any training file.
+
+Why RLHF has something to do here: the SFT demonstrations are of mixed quality, as human ones are. The
+instruction does not say which way to sort, and only ``ascending_share`` of the demonstrators sort smallest
+first; the rest write the digits largest first. SFT imitates that mixture, so its greedy answer is often
+the descending one. What is wanted is stated once, in the conditional reward model's condition
+(``CONDITION``), and taught by the preference pairs (ascending chosen over descending and over near-miss
+answers). PPO against that reward model has to move the policy to the preferred behaviour, which the
+held-out accuracy (ascending, exact) measures. A first attempt with a short SFT on clean demonstrations
+left nothing the tiny reward model could judge better than the policy: its errors were digits copied
+wrongly, which a reward model of the policy's own size ranks little better than chance (0.55 pairwise on
+the policy's samples), so PPO learned the reward model's mistakes instead.
 """
 
 from __future__ import annotations
@@ -49,6 +60,11 @@ class Question:
         expected, got = self.answer.split(), text.split()
         hits = sum(e == g for e, g in zip(expected, got))
         return hits / max(len(expected), len(got))
+
+
+def descending(q: Question) -> str:
+    """The other demonstrators' answer: the right digits, largest first."""
+    return " ".join(map(str, sorted(q.digits, reverse=True)))
 
 
 def wrong_answer(q: Question, rng: random.Random) -> str:
@@ -101,19 +117,29 @@ class DemoData:
     texts: list[str]  # what the tokenizer is trained on
 
 
-def make_data(directory: Path, num_train: int = 600, num_heldout: int = 24, seed: int = 0) -> DemoData:
-    """Write every training file into ``directory``; returns their paths and the held-out questions."""
+def make_data(directory: Path, num_train: int = 600, num_heldout: int = 24, seed: int = 0,
+              ascending_share: float = 0.3) -> DemoData:
+    """Write every training file into ``directory``; returns their paths and the held-out questions.
+
+    ``ascending_share`` of the SFT demonstrations sort ascending, the rest descending (see the module
+    docstring). Every question gets two preference pairs: the ascending answer over the descending one, and
+    over a near miss (unsorted, a digit changed or dropped), so the reward model judges the digits as well
+    as their order.
+    """
     rng = random.Random(seed)
     heldout = questions(seed + 1, num_heldout)
     train = questions(seed + 2, num_train, exclude={q.digits for q in heldout})
     corpus_rows = [{"text": para} for para in FILLER.split("\n") if para]
     # Pretraining sees the rule in plain prose (knowledge), never the chat format (that is SFT's job).
     corpus_rows += [{"text": f"The digits {' '.join(map(str, q.digits))} in order are {q.answer}."} for q in train]
-    sft_rows = [{"messages": q.messages(q.answer)} for q in train]
+    sft_rows = [{"messages": q.messages(q.answer if rng.random() < ascending_share else descending(q))}
+                for q in train]
     pref_rows = [
         {"prompt": q.messages(), "chosen": [{"role": "assistant", "content": q.answer}],
-         "rejected": [{"role": "assistant", "content": wrong_answer(q, rng)}], "condition": CONDITION}
+         "rejected": [{"role": "assistant", "content": rejected}], "condition": CONDITION}
         for q in train
+        for rejected in dict.fromkeys((descending(q), wrong_answer(q, rng)))
+        if rejected != q.answer  # all digits equal: descending is the answer
     ]
     prompt_rows = [{"prompt": q.messages(), "reference": q.answer, "condition": CONDITION} for q in train]
     texts = [row["text"] for row in corpus_rows] + [q.prompt + "\n" + q.answer for q in train] + [CONDITION]

@@ -1,5 +1,5 @@
 """The full chain end to end: `internlm2 demo --size smoke` through the real CLI, local stack, training
-job and per-stage servers, asserting what each stage must gain (issue 7)."""
+job and per-stage servers, asserting what each stage must gain (issues 7 and 11)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from internlm2.services.demo.sizes import SIZES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -38,20 +40,32 @@ def test_every_stage_completes_and_leaves_its_outputs(demo):
     assert report["stage_metrics"]["pretrain"]["loss"] < report["stage_metrics"]["pretrain"]["initial_loss"]
 
 
-def test_sft_beats_the_pretrained_model_on_the_held_out_task(demo):
+def test_sft_imitates_the_mixed_demonstrations(demo):
     table = rows(demo[2])
     assert table["sft"]["accuracy"] > table["pretrain"]["accuracy"]
-    assert table["sft"]["accuracy"] >= 0.25
     assert table["sft"]["perplexity"] < table["pretrain"]["perplexity"]
+    # It sorts (in one of the two demonstrated styles) nearly every held-out question, and mostly in the
+    # majority's style, largest first: what SFT alone gives, and the room RLHF has.
+    assert table["sft"]["accuracy"] + table["sft"]["descending"] >= 0.8
+    assert table["sft"]["descending"] >= 0.4
 
 
 def test_reward_model_ranks_correct_answers_above_wrong_ones(demo):
-    assert rows(demo[2])["reward_model"]["pairwise_accuracy"] > 0.5
+    assert rows(demo[2])["reward_model"]["pairwise_accuracy"] >= 0.8
 
 
-def test_ppo_does_not_lower_the_mean_reward(demo):
+def test_ppo_raises_accuracy_and_reward_over_sft(demo):
+    """RLHF at work: the same held-out questions, greedy, scored by the same judge (issue 11)."""
     table = rows(demo[2])
-    # Greedy answers to the same held-out questions, scored by the same judge: PPO may only hold or raise
-    # the mean (a small tolerance for the 16-question sample).
-    assert table["ppo"]["mean_reward"] >= table["sft"]["mean_reward"] - 0.05
-    assert table["ppo"]["accuracy"] >= table["sft"]["accuracy"] - 0.125
+    sft, ppo = table["sft"], table["ppo"]
+    assert ppo["accuracy"] >= sft["accuracy"] + 0.25, (sft, ppo)
+    assert ppo["mean_reward"] >= sft["mean_reward"] + 0.5, (sft, ppo)
+    assert ppo["descending"] <= sft["descending"] - 0.25, (sft, ppo)  # it moved to the preferred style
+
+
+def test_ppo_reward_curve_trends_up(demo):
+    scores = [c["rm_score"] for c in demo[2]["curves"] if c["stage"] == "ppo" and "rm_score" in c]
+    assert len(scores) == SIZES["smoke"].ppo_steps  # one point per PPO iteration
+    quarter = len(scores) // 4
+    first, last = sum(scores[:quarter]) / quarter, sum(scores[-quarter:]) / quarter
+    assert last >= first + 0.3, scores
