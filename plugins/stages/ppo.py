@@ -284,7 +284,7 @@ class PPORun:
             raise ValueError("reward_model: its vocabulary differs from the actor's; they must share a tokenizer")
         self.scorer = RewardScorer(self.reward.model, self.tokenizer)
         self.rollouts = self._rollout_engine()
-        self.tracker = MetricsTracker(ctx, enabled=cfg.tensorboard)
+        self.tracker = MetricsTracker(ctx, cfg)
         self.rollouts_path = ctx.output_dir / "rollouts.jsonl"
         self.history: list[dict[str, float]] = []
         self.start = 0

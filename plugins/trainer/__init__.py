@@ -8,7 +8,7 @@
                               (meta device / deepspeed.zero.Init) and filled tensor by tensor, no host copy
     export                    export_model: official layout from ZeRO-3 partitions, LoRA merged
     lora                      apply_lora (peft), lora_layers, merged_weight
-    tracking                  MetricsTracker (TensorBoard), plot_history (metrics.png)
+    tracking                  MetricsTracker (TensorBoard, offline W&B), plot_history (metrics.png)
     activation_checkpointing  apply_activation_checkpointing(model) (from outside the model)
     distributed               any_rank / barrier / sum_across_ranks / mean_across_ranks
     lm                        load_tokenizer, packed_lm_loss, target_tokens, rank_batches

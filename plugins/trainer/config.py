@@ -48,6 +48,11 @@ class TrainingConfig(StageConfig):
         default_factory=lambda: ["wqkv", "wo", "w1", "w2", "w3"],
         description="Linear layers (by name) that get LoRA adapters.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files to <output>/tensorboard.")
+    wandb: bool = Field(False, description="Also log every step to Weights & Biases, offline: the run is written "
+                        "under <output>/wandb and `wandb sync <output>/wandb/offline-run-*` uploads it later (no "
+                        "network during training). Needs the wandb package on the workers.")
+    wandb_project: str = Field("internlm2", min_length=1, description="W&B project of the offline runs (one run "
+                               "per stage, grouped by job).")
     checkpoint_every: int = Field(50, ge=0, description="Save a resumable checkpoint every N steps (0 = never).")
     keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept (older are deleted).")
     seed: int = Field(0, description="Seed of model init noise, shuffling and dropout.")

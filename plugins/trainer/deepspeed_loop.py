@@ -261,7 +261,7 @@ def run_deepspeed_training(
     device = engine.device
     get_batch = _batch_getter(batches)
     accum = config.gradient_accumulation_steps
-    tracker = MetricsTracker(ctx, enabled=config.tensorboard)
+    tracker = MetricsTracker(ctx, config)
 
     def forward(fn, batch=None):
         return engine_forward(engine, fn, batch)

@@ -241,6 +241,8 @@ def test_the_build_context_builds_both_distributions(tmp_path):
 # Imported by the platform but deliberately not a declared dependency of the images.
 OPTIONAL_IMPORTS = {
     "triton": "GPU kernels behind a guarded import; PyPI's CUDA torch wheels bring triton with them",
+    "wandb": "offline W&B tracking (`wandb: true`) behind a guarded import; the `wandb` extra, which the CUDA "
+             "image installs",
 }
 
 
