@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 RENDEZVOUS_PORT = 29500
 SPEC_DIR = "/etc/internlm2/run"
+# Where torchrun, Triton, DeepSpeed (JIT ops), matplotlib and W&B write: /tmp and the images' $HOME
+# (deploy/docker, the non-root user's home). Both are emptyDirs, so the root filesystem can stay read-only.
+SCRATCH_DIRS = {"tmp": "/tmp", "home": "/home/internlm2"}
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 RBAC_RULES: list[dict[str, list[str]]] = [
@@ -149,6 +152,9 @@ def build_manifests(name: str, spec: dict[str, Any], launch: dict[str, Any], pod
             volume, mount = _claim_volume(vol_name, claim)
             volumes.append(volume)
             mounts.append(mount)
+    for vol_name, path in SCRATCH_DIRS.items():
+        volumes.append(k8s.V1Volume(name=vol_name, empty_dir=k8s.V1EmptyDirVolumeSource()))
+        mounts.append(k8s.V1VolumeMount(name=vol_name, mount_path=path))
     # /dev/shm for NCCL and dataloaders: the container default (64 MiB) is too small.
     volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
         medium="Memory", size_limit=pod.shmSize)))

@@ -324,3 +324,13 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context():
     assert {".git", ".venv", "tests", "models", "**/__pycache__"} <= ignored
     # ... but not what `pip install ./ ./sdk/python` needs.
     assert not ignored & {"core", "services", "plugins", "sdk", "pyproject.toml", "README.md"}
+
+
+@pytest.mark.parametrize("flavor", sorted(DOCKERFILES))
+def test_stage_pod_scratch_home_is_the_images_home(flavor):
+    """Kubernetes stage pods mount a scratch emptyDir at the images' $HOME (their root is read-only);
+    a different path would leave Triton's and DeepSpeed's caches on the read-only root."""
+    from internlm2.plugins.runtime.k8s import SCRATCH_DIRS
+
+    text = DOCKERFILES[flavor].read_text()
+    assert f"HOME={SCRATCH_DIRS['home']}" in text and f"--home-dir {SCRATCH_DIRS['home']}" in text

@@ -145,15 +145,20 @@ def test_stage_pods_run_like_the_chart_pods(rendered, tmp_path, case):
     assert container["image"] == f"internlm2:0.1.0{flavor}"
     assert container["imagePullPolicy"] == worker["imagePullPolicy"]
 
-    # Hardening: the chart's pod security context; the container's, with a writable root filesystem
-    # unless /tmp and $HOME get scratch volumes (torchrun, Triton and DeepSpeed write there).
+    # Hardening: the chart's pod and container security contexts, read-only root filesystem included;
+    # /tmp and $HOME (where torchrun, Triton and DeepSpeed write) are scratch emptyDirs, as in the worker.
     assert pod["securityContext"] == worker_pod["securityContext"]
     sc = container["securityContext"]
+    assert sc == worker["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    if sc.get("readOnlyRootFilesystem"):
-        assert {"/tmp", "/home/internlm2"} <= mounts.keys(), "a read-only root needs writable scratch"
+    worker_scratch = {m["mountPath"] for m in worker["volumeMounts"]
+                      if "emptyDir" in next(v for v in worker_pod["volumes"] if v["name"] == m["name"])}
+    assert {"/tmp", "/home/internlm2"} <= worker_scratch <= mounts.keys()
+    for path in ("/tmp", "/home/internlm2"):
+        assert next(v for v in pod["volumes"] if v["name"] == mounts[path]["name"])["emptyDir"] == {}
     assert pod["automountServiceAccountToken"] is False
     assert pod["serviceAccountName"] == deployment(docs, "training")["spec"]["template"]["spec"]["serviceAccountName"]
 

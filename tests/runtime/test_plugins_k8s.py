@@ -35,7 +35,7 @@ STAGE_POD = {
     "podSecurityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                            "seccompProfile": {"type": "RuntimeDefault"}},
     "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                        "readOnlyRootFilesystem": False},
+                        "readOnlyRootFilesystem": True},
     "nodeSelector": {"nvidia.com/gpu.present": "true"},
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     "runtimeClassName": "nvidia",
@@ -106,12 +106,14 @@ def test_manifests_validate_against_the_schema(manifests):
     assert env["NCCL_DEBUG"]["value"] == "WARN"
     assert "job-completion-index" in env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert set(volumes) == {"run-spec", "artifacts", "models", "data", "dshm"}
+    assert set(volumes) == {"run-spec", "artifacts", "models", "data", "dshm", "tmp", "home"}
     assert volumes["artifacts"]["persistentVolumeClaim"] == {"claimName": "internlm2-artifacts"}
     assert volumes["models"]["persistentVolumeClaim"]["readOnly"] is True
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["artifacts"] == "/artifacts" and mounts["dshm"] == "/dev/shm"
+    assert mounts["tmp"] == "/tmp" and volumes["tmp"]["emptyDir"] == {}
+    assert mounts["home"] == "/home/internlm2" and volumes["home"]["emptyDir"] == {}
     assert json.loads(cm["data"]["run.json"])["stage"] == "sft"
 
 

@@ -42,11 +42,9 @@ image, claims, hardening and GPU scheduling; the Redis password stays in its Sec
 {{- end }}
 {{- $_ = set $s "redis" $redis }}
 {{- $_ = set $s "podSecurityContext" $v.podSecurityContext }}
-{{- /* The stage container gets no scratch volumes for /tmp and $HOME, where torchrun, Triton and
-DeepSpeed write; its root filesystem therefore stays writable. Everything else as the chart's pods. */ -}}
-{{- $containerSecurity := deepCopy $v.containerSecurityContext }}
-{{- $_ = set $containerSecurity "readOnlyRootFilesystem" false }}
-{{- $_ = set $s "securityContext" $containerSecurity }}
+{{- /* The chart's container hardening as it is (read-only root filesystem included): the launcher mounts
+scratch emptyDirs at /tmp and $HOME, where torchrun, Triton and DeepSpeed write (k8s.SCRATCH_DIRS). */ -}}
+{{- $_ = set $s "securityContext" $v.containerSecurityContext }}
 {{- with $sp.resources }}{{ $_ = set $s "resources" . }}{{ end }}
 {{- $_ = set $s "shmSize" $sp.shmSize }}
 {{- with $sp.kueueQueue }}{{ $_ = set $s "kueueQueue" . }}{{ end }}
