@@ -284,6 +284,10 @@ def test_gateway_fronts_the_services_with_http_probes(rendered, case):
     assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
         "http": (GATEWAY_PORT, "http"), "metrics": (METRICS_PORTS["gateway"], "metrics")}
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    # `helm test` checks the gateway's readiness through that Service, with the CLI.
+    probe = next(c for c in helm_test_pod(docs)["spec"]["containers"] if c["name"] == "gateway")
+    assert probe["args"] == ["health", "--url", f"http://{svc['metadata']['name']}.llm.svc:{GATEWAY_PORT}{GATEWAY_READY}",
+                             "--timeout", "10"]
     env = env_of(container)
     if case == "full":
         # The same token Secret as the gRPC services; their CA (and, for mTLS, a client certificate).
@@ -296,6 +300,17 @@ def test_gateway_fronts_the_services_with_http_probes(rendered, case):
     else:
         assert "INTERNLM2_AUTH_TOKEN" not in env and "--backend-ca-cert" not in args
         assert not by_kind(docs, "Ingress")
+
+
+def helm_test_pod(docs: list[dict]) -> dict:
+    (pod,) = [d for d in by_kind(docs, "Pod").values()
+              if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    return pod
+
+
+def test_helm_test_skips_the_gateway_when_it_is_disabled():
+    containers = helm_test_pod(render({"gateway": {"enabled": False}}))["spec"]["containers"]
+    assert [c["name"] for c in containers] == list(GRPC_SERVICES)
 
 
 def test_gateway_ingress_with_tls(rendered):

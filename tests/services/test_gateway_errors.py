@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.timeout(240)
 MODEL = "tiny-chat"
 TOKEN = "s3cret-token"
 USER = [{"role": "user", "content": "hello"}]
+CLI = "import sys; from internlm2_client.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +199,8 @@ def test_ready_reports_each_backend(gateway):
     body = httpx.get(gateway.url + "/ready").json()
     assert body == {"status": "ready", "backends": {"inference": "SERVING", "tokenizer": "SERVING",
                                                     "reward": "SERVING"}}
+    # What `helm test` runs against the gateway: the CLI's HTTP readiness check.
+    assert _cli("health", "--url", gateway.url + "/ready").returncode == 0
 
 
 # ---- 503 while loading, 429 on overload, drain ------------------------------------------------------
@@ -267,6 +272,18 @@ def test_drain_keeps_serving_in_flight_streams_and_reports_not_ready(models):
             gateway.stop()
 
 
+def test_health_url_of_nothing_listening_is_unreachable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/ready"
+    check = _cli("health", "--url", url, "--timeout", "2")
+    assert check.returncode == 1 and f"{url} (server): UNREACHABLE" in check.stderr
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *argv], capture_output=True, text=True, timeout=60)
+
+
 def test_unreachable_backend_is_503_and_not_ready():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -282,5 +299,7 @@ def test_unreachable_backend_is_503_and_not_ready():
         assert int(response.headers["retry-after"]) >= 1
         assert _error(httpx.post(gateway.url + "/tokenize", json={"prompt": "x"}, timeout=30), 503)
         assert httpx.get(gateway.url + "/health").status_code == 200  # alive, just not ready
+        check = _cli("health", "--url", gateway.url + "/ready", "--timeout", "30")
+        assert check.returncode == 1 and "NOT_SERVING (HTTP 503" in check.stderr and "UNREACHABLE" in check.stderr
     finally:
         gateway.stop()
