@@ -19,7 +19,10 @@ One step (real widths — hidden 2048, FFN 8192, vocab 92,544 — but ``--step-l
 since 16 bytes/parameter of AdamW state for all 24 layers exceed this machine's memory): pretrain/sft
 (packed LM loss), reward_model, dpo, each one DeepSpeed optimizer step at ZeRO-2 (bf16 if DeepSpeed
 supports it on this device, else fp32), with the planner's estimate for the same configuration on one
-device. Then the planner's per-GPU estimates for 7B and 20B on 8 x 80 GiB.
+device. PPO is the real stage (``stage.run``) for one iteration: actor and critic loaded and wrapped by
+DeepSpeed, frozen reference and reward model, rollouts generated, one actor and one critic step, final/
+exported — everything a PPO iteration holds at once. Then the planner's per-GPU estimates for 7B and 20B
+on 8 x 80 GiB.
 """
 
 from __future__ import annotations
@@ -204,6 +207,63 @@ def child_step(ckpt: str, stage: str, seq: int, precision: str) -> dict:
     return result
 
 
+PPO_PROMPT_TOKENS, PPO_NEW_TOKENS, PPO_ROLLOUTS = 64, 16, 2
+
+
+def ppo_config(actor: str, reward_model: str, prompts: str, precision: str) -> dict:
+    """One PPO iteration, actor updated in it (no critic warm-up), no pretraining mix."""
+    return {"actor": actor, "reward_model": reward_model, "prompts": prompts, "max_steps": 1, "rounds": 1,
+            "critic_warmup_iterations": 0, "rollout_batch_size": PPO_ROLLOUTS, "minibatch_size": PPO_ROLLOUTS,
+            "max_prompt_length": PPO_PROMPT_TOKENS, "max_new_tokens": PPO_NEW_TOKENS, "ptx_coef": 0.0,
+            "ptx_batch_size": 1, "ptx_seq_len": 8, "zero_stage": 2, "precision": precision,
+            "checkpoint_every": 0, "tensorboard": False}
+
+
+def child_ppo(actor: str, reward_model: str, workdir: str, precision: str) -> dict:
+    import torch
+
+    from internlm2.plugins.contract import StageInputs, local_context
+    from internlm2.plugins.registry import get_stage
+
+    warm_up()
+    prompts = Path(workdir) / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: tell me more."}) + "\n"
+                               for i in range(PPO_ROLLOUTS)))
+    stage = get_stage("ppo")
+    ctx = local_context(stage, ppo_config(actor, reward_model, str(prompts), precision), Path(workdir) / "out",
+                        inputs=StageInputs(checkpoints={"base": Path(actor)}))
+    sampler = PeakSampler()
+    metrics = stage.run(ctx)
+    result = {"peak_host_mib": sampler.stop(), "rm_score": float(metrics.get("rm_score", float("nan")))}
+    if torch.cuda.is_available():
+        result["peak_device_mib"] = torch.cuda.max_memory_allocated() / MIB
+    return result
+
+
+def with_tokenizer(directory: Path, source: Path) -> Path:
+    """Puts ``source``'s tokenizer next to a checkpoint: the PPO stage reads prompts and detokenises
+    rollouts with it, so its vocabulary must be the model's (the official one for the real shapes)."""
+    from internlm2.core.random_checkpoint import copy_tokenizer
+
+    if not (directory / "tokenizer.model").exists():
+        copy_tokenizer(source, directory)
+    return directory
+
+
+def random_reward_model(directory: Path, preset: str, layers: int, tokenizer: Path, **overrides) -> Path:
+    """A random InternLM2-Reward checkpoint (bf16) whose reward token is ``tokenizer``'s."""
+    import torch
+
+    from internlm2.core import make_random_checkpoint
+    from internlm2.core.tokenizer import InternLM2Tokenizer
+
+    if not (directory / "config.json").exists():
+        make_random_checkpoint(directory, preset, reward=True, dtype=torch.bfloat16, tokenizer=tokenizer,
+                               reward_token_id=InternLM2Tokenizer.from_pretrained(tokenizer).reward_token_id,
+                               num_hidden_layers=layers, **overrides)
+    return directory
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -256,12 +316,16 @@ def main() -> None:
     ap.add_argument("--step-layers", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "reference-data" / "internlm2"),
+                    help="folder with the official tokenizer.model, for PPO's prompts and rollouts (default: "
+                    "../shared's; without it the PPO step is skipped)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs="+", default=None)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = child_load(*rest) if kind == "load" else child_step(rest[0], rest[1], int(rest[2]), rest[3])
+        result = (child_load(*rest) if kind == "load" else child_ppo(*rest) if kind == "ppo"
+                  else child_step(rest[0], rest[1], int(rest[2]), rest[3]))
         print(json.dumps(result), flush=True)
         return
 
@@ -311,7 +375,33 @@ def main() -> None:
             report["step"][stage] = {**r, "precision": precision}
             print(f"{stage:<14}{precision:>10}{r['peak_host_mib']:>15,.0f}{r['planned_mib']:>13,.0f}"
                   f"{r.get('peak_device_mib', 0.0):>17,.0f}")
+        # PPO: the stage itself, one iteration; the reward model (and so the critic) at the same widths.
+        if not (Path(args.tokenizer) / "tokenizer.model").exists():
+            print(f"ppo: skipped (no tokenizer.model in {args.tokenizer}; the real shapes need the official "
+                  "92,544-token vocabulary: --tokenizer)")
+            return finish_plans(args, report, largest, t0)
+        with_tokenizer(small, Path(args.tokenizer))
+        reward = random_reward_model(root / f"{args.preset}-{args.step_layers}l-reward", args.preset,
+                                     args.step_layers, tokenizer=small)
+        workdir = root / "ppo-run"
+        if workdir.exists():
+            import shutil
 
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        r = run_child(["ppo", str(small), str(reward), str(workdir), precision])[0]
+        planned = estimate_stage({"stage": "ppo", "config": ppo_config(str(small), str(reward), "", precision),
+                                  "model": cfg}, 1)
+        r["planned_mib"] = (planned.total - planned.overhead) * 1024
+        report["step"]["ppo"] = {**r, "precision": precision}
+        print(f"{'ppo':<14}{precision:>10}{r['peak_host_mib']:>15,.0f}{r['planned_mib']:>13,.0f}"
+              f"{r.get('peak_device_mib', 0.0):>17,.0f}")
+
+    finish_plans(args, report, largest, t0)
+
+
+def finish_plans(args, report: dict, largest: float, t0: float) -> None:
+    """The planner's 7B and 20B tables, the summary line, the JSON."""
     for preset in ("7b", "20b"):
         rows = planner_rows(preset, 8, 80.0)
         report[f"plan_{preset}"] = rows
