@@ -389,7 +389,12 @@ def main() -> None:
 
             shutil.rmtree(workdir)
         workdir.mkdir(parents=True)
-        r = run_child(["ppo", str(small), str(reward), str(workdir), precision])[0]
+        try:
+            r = run_child(["ppo", str(small), str(reward), str(workdir), precision])[0]
+        except RuntimeError as exc:  # keep the planner tables (and the JSON) of a one-shot GPU session
+            print(f"ppo: failed: {str(exc).splitlines()[-1][:200]}")
+            report["step"]["ppo"] = {"error": str(exc)[-2000:]}
+            return finish_plans(args, report, largest, t0)
         planned = estimate_stage({"stage": "ppo", "config": ppo_config(str(small), str(reward), "", precision),
                                   "model": cfg}, 1)
         r["planned_mib"] = (planned.total - planned.overhead) * 1024
