@@ -60,6 +60,15 @@ def build_pipeline(size: DemoSize, base: Path, data, eval_questions: Path) -> li
     ]
 
 
+def reward_trend(curves: list[dict]) -> tuple[float, float] | None:
+    """Mean reward-model score of PPO's rollouts over the first and the last quarter of its iterations."""
+    scores = [c["rm_score"] for c in curves if c["stage"] == "ppo" and "rm_score" in c]
+    quarter = len(scores) // 4
+    if not quarter:
+        return None
+    return sum(scores[:quarter]) / quarter, sum(scores[-quarter:]) / quarter
+
+
 def watch(client, job_id: str) -> list[dict]:
     """Print progress until the job ends; returns the metric events (for the curves)."""
     curves: list[dict] = []
@@ -171,6 +180,10 @@ def run(args: Namespace) -> int:
         rm_loss = stages["reward_model"].metrics.get("loss") if "reward_model" in stages else None
         rows.append({"stage": "reward_model", "loss": rm_loss, "pairwise_accuracy": rm_acc})
         say(f"  {'reward_model':<13} held-out pairwise accuracy {rm_acc:.2f}")
+        trend = reward_trend(curves)
+        if trend:
+            say(f"  {'ppo':<13} rollout reward-model score, first quarter of the iterations {trend[0]:+.3f}"
+                f" -> last quarter {trend[1]:+.3f}")
 
         say("[5/5] report")
         report = {
@@ -182,6 +195,7 @@ def run(args: Namespace) -> int:
             "checkpoints": {k: str(v) for k, v in checkpoints.items()},
             "eval_artifacts": [a.uri for a in stages["eval"].artifacts] if "eval" in stages else [],
             "curves": curves,
+            "ppo_reward_trend": trend,
         }
         (out / "report.json").write_text(json.dumps(report, indent=2))
         plot_curves(curves, out / "curves.png")

@@ -69,3 +69,5 @@ def test_ppo_reward_curve_trends_up(demo):
     quarter = len(scores) // 4
     first, last = sum(scores[:quarter]) / quarter, sum(scores[-quarter:]) / quarter
     assert last >= first + 0.3, scores
+    assert demo[2]["ppo_reward_trend"] == pytest.approx([first, last])
+    assert f"first quarter of the iterations {first:+.3f} -> last quarter {last:+.3f}" in demo[1]
