@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .shards import has_format, write_meta
+
 PREFERENCE_FORMAT = "internlm2-preference-rows/1"
 # One pair's segments, in the order of the index columns.
 SEGMENTS = ("dpo_prompt", "dpo_chosen", "dpo_rejected", "reward_chosen", "reward_rejected")
@@ -72,15 +74,11 @@ def write_preference_rows(folder: str | os.PathLike, tok: Any, pairs: Sequence[A
     meta = {"format": PREFERENCE_FORMAT, "dtype": "int32", "num_pairs": len(pairs), "num_tokens": total,
             "segments": list(SEGMENTS), "conditions": dict(conditions), "default_condition": None,
             "dpo_errors": dpo_errors, **extra}
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / "meta.json")
-    return meta
+    return write_meta(folder, meta)
 
 
 def is_preference_rows(path: str | os.PathLike) -> bool:
-    meta = Path(path) / "meta.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("format") == PREFERENCE_FORMAT
+    return has_format(path, PREFERENCE_FORMAT)
 
 
 class PreferenceRowDataset:

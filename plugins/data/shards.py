@@ -25,6 +25,20 @@ FORMAT = "internlm2-token-shards/1"
 DTYPE = np.uint32
 
 
+def write_meta(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """``folder/meta.json``, atomically and last: its presence means the dataset is complete."""
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / "meta.json")
+    return meta
+
+
+def has_format(path: str | os.PathLike, fmt: str) -> bool:
+    """Whether ``path`` is a complete dataset folder whose meta.json names ``fmt``."""
+    meta = Path(path) / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("format") == fmt
+
+
 class ShardWriter:
     def __init__(self, folder: str | os.PathLike, shard_tokens: int = 1 << 26):
         self.folder = Path(folder)
@@ -57,10 +71,7 @@ class ShardWriter:
         meta = {"format": FORMAT, "dtype": "uint32", "shards": self.shards,
                 "num_docs": sum(s["num_docs"] for s in self.shards),
                 "num_tokens": sum(s["num_tokens"] for s in self.shards), **extra}
-        tmp = self.folder / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.folder / "meta.json")  # meta.json last: its presence means complete
-        return meta
+        return write_meta(self.folder, meta)
 
 
 class PackedTokenDataset:
@@ -139,15 +150,11 @@ def write_packed_rows(folder: str | os.PathLike, samples: Sequence[tuple[Sequenc
             "num_samples": len(samples), "target_tokens": int(targets),
             "truncated": sum(len(ids) > max_len for ids, _ in samples),
             "fill": sum(min(len(ids), max_len) for ids, _ in samples) / max(1, len(bins) * max_len), **extra}
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / "meta.json")
-    return meta
+    return write_meta(folder, meta)
 
 
 def is_packed_rows(path: str | os.PathLike) -> bool:
-    meta = Path(path) / "meta.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("format") == ROWS_FORMAT
+    return has_format(path, ROWS_FORMAT)
 
 
 class PackedRowDataset:
