@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -240,16 +241,6 @@ def child_ppo(actor: str, reward_model: str, workdir: str, precision: str) -> di
     return result
 
 
-def with_tokenizer(directory: Path, source: Path) -> Path:
-    """Puts ``source``'s tokenizer next to a checkpoint: the PPO stage reads prompts and detokenises
-    rollouts with it, so its vocabulary must be the model's (the official one for the real shapes)."""
-    from internlm2.core.random_checkpoint import copy_tokenizer
-
-    if not (directory / "tokenizer.model").exists():
-        copy_tokenizer(source, directory)
-    return directory
-
-
 def random_reward_model(directory: Path, preset: str, layers: int, tokenizer: Path, **overrides) -> Path:
     """A random InternLM2-Reward checkpoint (bf16) whose reward token is ``tokenizer``'s."""
     import torch
@@ -375,38 +366,10 @@ def main() -> None:
             report["step"][stage] = {**r, "precision": precision}
             print(f"{stage:<14}{precision:>10}{r['peak_host_mib']:>15,.0f}{r['planned_mib']:>13,.0f}"
                   f"{r.get('peak_device_mib', 0.0):>17,.0f}")
-        # PPO: the stage itself, one iteration; the reward model (and so the critic) at the same widths.
-        if not (Path(args.tokenizer) / "tokenizer.model").exists():
-            print(f"ppo: skipped (no tokenizer.model in {args.tokenizer}; the real shapes need the official "
-                  "92,544-token vocabulary: --tokenizer)")
-            return finish_plans(args, report, largest, t0)
-        with_tokenizer(small, Path(args.tokenizer))
-        reward = random_reward_model(root / f"{args.preset}-{args.step_layers}l-reward", args.preset,
-                                     args.step_layers, tokenizer=small)
-        workdir = root / "ppo-run"
-        if workdir.exists():
-            import shutil
+        ppo = ppo_step(args, root, small, cfg, precision)
+        if ppo is not None:
+            report["step"]["ppo"] = ppo
 
-            shutil.rmtree(workdir)
-        workdir.mkdir(parents=True)
-        try:
-            r = run_child(["ppo", str(small), str(reward), str(workdir), precision])[0]
-        except RuntimeError as exc:  # keep the planner tables (and the JSON) of a one-shot GPU session
-            print(f"ppo: failed: {str(exc).splitlines()[-1][:200]}")
-            report["step"]["ppo"] = {"error": str(exc)[-2000:]}
-            return finish_plans(args, report, largest, t0)
-        planned = estimate_stage({"stage": "ppo", "config": ppo_config(str(small), str(reward), "", precision),
-                                  "model": cfg}, 1)
-        r["planned_mib"] = (planned.total - planned.overhead) * 1024
-        report["step"]["ppo"] = {**r, "precision": precision}
-        print(f"{'ppo':<14}{precision:>10}{r['peak_host_mib']:>15,.0f}{r['planned_mib']:>13,.0f}"
-              f"{r.get('peak_device_mib', 0.0):>17,.0f}")
-
-    finish_plans(args, report, largest, t0)
-
-
-def finish_plans(args, report: dict, largest: float, t0: float) -> None:
-    """The planner's 7B and 20B tables, the summary line, the JSON."""
     for preset in ("7b", "20b"):
         rows = planner_rows(preset, 8, 80.0)
         report[f"plan_{preset}"] = rows
@@ -420,6 +383,36 @@ def finish_plans(args, report: dict, largest: float, t0: float) -> None:
     print(f"\nlargest tensor {largest:,.0f} MiB; total {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def ppo_step(args, root: Path, small: Path, cfg, precision: str) -> dict | None:
+    """PPO, the stage itself, one iteration; the reward model (and so the critic) at the same widths. None
+    when skipped; a failed child is reported, not raised, so a one-shot GPU session keeps its other numbers."""
+    from internlm2.core.random_checkpoint import copy_tokenizer
+    from internlm2.plugins.planner import estimate_stage
+
+    if not (Path(args.tokenizer) / "tokenizer.model").exists():
+        print(f"ppo: skipped (no tokenizer.model in {args.tokenizer}; the real shapes need the official "
+              "92,544-token vocabulary: --tokenizer)")
+        return None
+    # The stage reads prompts and detokenises rollouts with the checkpoint's tokenizer: the model's vocabulary.
+    copy_tokenizer(args.tokenizer, small)
+    reward = random_reward_model(root / f"{args.preset}-{args.step_layers}l-reward", args.preset, args.step_layers,
+                                 tokenizer=small)
+    workdir = root / "ppo-run"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    try:
+        r = run_child(["ppo", str(small), str(reward), str(workdir), precision])[0]
+    except RuntimeError as exc:
+        print(f"ppo: failed: {str(exc).splitlines()[-1][:200]}")
+        return {"error": str(exc)[-2000:]}
+    planned = estimate_stage({"stage": "ppo", "config": ppo_config(str(small), str(reward), "", precision),
+                              "model": cfg}, 1)
+    r["planned_mib"] = (planned.total - planned.overhead) * 1024
+    print(f"{'ppo':<14}{precision:>10}{r['peak_host_mib']:>15,.0f}{r['planned_mib']:>13,.0f}"
+          f"{r.get('peak_device_mib', 0.0):>17,.0f}")
+    return {**r, "precision": precision}
 
 
 if __name__ == "__main__":

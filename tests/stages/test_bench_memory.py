@@ -50,6 +50,7 @@ def test_one_ppo_iteration_stays_within_the_planners_estimate(tmp_path):
     """The benchmark's PPO child runs the real stage for one iteration (rollouts, an actor and a critic step,
     the frozen reference and reward model, export); the planner must not promise less than that holds."""
     from internlm2.core import InternLM2Config
+    from internlm2.core.random_checkpoint import copy_tokenizer
     from internlm2.core.tokenizer import train_tokenizer
     from internlm2.plugins.planner import estimate_stage
 
@@ -57,8 +58,8 @@ def test_one_ppo_iteration_stays_within_the_planners_estimate(tmp_path):
                           tmp_path / "tokenizer", vocab_size=320)
     dims = dict(hidden_size=512, intermediate_size=1408, vocab_size=tok.vocab_size, num_attention_heads=8,
                 num_key_value_heads=2)
-    actor = bench_memory.with_tokenizer(
-        bench_memory.write_random_checkpoint(tmp_path / "actor", "tiny", layers=2, **dims), tmp_path / "tokenizer")
+    actor = bench_memory.write_random_checkpoint(tmp_path / "actor", "tiny", layers=2, **dims)
+    copy_tokenizer(tmp_path / "tokenizer", actor)
     reward = bench_memory.random_reward_model(tmp_path / "reward", "tiny", 2, tokenizer=actor, **dims)
     (tmp_path / "run").mkdir()
     result = bench_memory.run_child(["ppo", str(actor), str(reward), str(tmp_path / "run"), "fp32"])[0]

@@ -56,12 +56,12 @@ def _http_status(args: argparse.Namespace, timeout: float) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    timeout = getattr(args, "timeout", None) or args.timeout_default
     if args.url:
-        return _report(args, args.url, _http_status(args, getattr(args, "timeout", None) or args.timeout_default))
+        return _report(args, args.url, _http_status(args, timeout))
     kwargs = client_kwargs(args, "tokenizer")
     address = kwargs.pop("address")
     kwargs.pop("timeout")
-    timeout = getattr(args, "timeout", None) or args.timeout_default
     try:
         status = check_health(address, args.service, timeout=timeout, retry=None, **kwargs)
         error = ""
