@@ -318,7 +318,8 @@ def main() -> None:
         result = (child_load(*rest) if kind == "load" else child_ppo(*rest) if kind == "ppo"
                   else child_step(rest[0], rest[1], int(rest[2]), rest[3]))
         print(json.dumps(result), flush=True)
-        return
+        # Skip interpreter teardown, as the production launcher does: gloo's threads can abort a finished child.
+        os._exit(0)
 
     import torch
 
